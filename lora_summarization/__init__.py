@@ -1,0 +1,1 @@
+"""Shared code of the four stage scripts: data, prompts, modeling, training and evaluation."""

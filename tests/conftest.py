@@ -1,0 +1,134 @@
+"""Offline test rig: a tiny random-weight Qwen2 model, its tokenizer, and synthetic SAMSum files.
+
+The tokenizer is the real Qwen2.5 one when `QWEN_TOKENIZER_DIR` (or ../shared/qwen2.5-1.5b-instruct)
+exists; otherwise a small byte-level BPE carrying Qwen's special tokens and a ChatML template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from lora_summarization.synthetic import make_examples, write_samsum_csvs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_QWEN_DIR = ROOT.parent / "shared" / "qwen2.5-1.5b-instruct"
+QWEN_DIR = Path(os.environ.get("QWEN_TOKENIZER_DIR") or SHARED_QWEN_DIR)
+
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def real_qwen_tokenizer_dir() -> Path | None:
+    return QWEN_DIR if (QWEN_DIR / "vocab.json").exists() else None
+
+
+requires_qwen_tokenizer = pytest.mark.skipif(
+    real_qwen_tokenizer_dir() is None, reason="real Qwen2.5 tokenizer not available (set QWEN_TOKENIZER_DIR)"
+)
+
+
+def build_fallback_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [ex["dialogue"] + "\n" + ex["summary"] for ex in make_examples(300, seed=123)]
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def load_test_tokenizer():
+    qwen_dir = real_qwen_tokenizer_dir()
+    return AutoTokenizer.from_pretrained(qwen_dir) if qwen_dir else build_fallback_tokenizer()
+
+
+def save_tiny_model(folder: Path, tokenizer, seed: int = 0) -> Path:
+    """A 2-layer Qwen2 with random weights, saved with its tokenizer as an ordinary HF model folder."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_test_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def samsum_dir(tmp_path_factory) -> Path:
+    """Synthetic SAMSum CSVs: 200 train, 120 validation, 60 test rows."""
+    return write_samsum_csvs(tmp_path_factory.mktemp("samsum"))
+
+
+def run_script(script: str, *args, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a stage script as a user would, offline, and capture its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_data_dir(folder: Path, sizes: dict[str, int] | None = None) -> Path:
+    """The four record files of data_preparation.py, written directly from synthetic examples."""
+    from lora_summarization import data
+
+    sizes = sizes or {data.TRAIN_FILE: 64, data.VALIDATION_FILE: 16, data.TEST_FILE: 12, data.UNIT_TEST_FILE: 40}
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for seed, (name, n) in enumerate(sizes.items()):
+        examples = make_examples(n, seed=100 + seed, start=start)
+        records = [data.make_record(ex["id"], ex["dialogue"], ex["summary"]) for ex in examples]
+        (folder / name).write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+        start += n
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return write_data_dir(tmp_path_factory.mktemp("data"))
