@@ -24,7 +24,9 @@ def parse_config(config_class, argv: list[str] | None = None):
     Unknown flags are rejected with exit code 2 (argparse's own usage error).
     """
     parser = HfArgumentParser(config_class)
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return config
 
 
