@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .cli import UsageError
@@ -73,7 +73,15 @@ def parse_target_modules(value: str) -> list[str] | str:
     return [module.strip() for module in value.split(",") if module.strip()]
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str, gradient_checkpointing: bool = False):
+def apply_lora(
+    model,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj",
+    gradient_checkpointing: bool = False,
+):
+    """Wrap `model` in a PEFT LoRA adapter; the defaults are the published recipe's adapter."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings produce no grad; without this the checkpointed blocks would pass none to LoRA.
@@ -101,6 +109,53 @@ def describe_parameters(model) -> str:
     return f"trainable parameters: {trainable:,} of {base:,} ({100 * trainable / base:.2f}%)"
 
 
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_ADAPTER_WEIGHTS_FILE = "adapter_model.bin"
+
+
+def check_adapter_folder(adapter_dir: str | Path) -> None:
+    """Refuse a missing folder, a folder without a PEFT adapter, and weights saved only as a pickle."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise UsageError(f"adapter folder {folder} not found; run train.py first or pass --adapter with its folder")
+    if not (folder / ADAPTER_CONFIG_FILE).exists():
+        raise UsageError(f"{folder} holds no {ADAPTER_CONFIG_FILE}, so it is not a PEFT adapter; pass --adapter")
+    if (folder / ADAPTER_WEIGHTS_FILE).exists():
+        return
+    if (folder / PICKLED_ADAPTER_WEIGHTS_FILE).exists():
+        raise UsageError(
+            f"{folder} holds the adapter weights only as a pickle ({PICKLED_ADAPTER_WEIGHTS_FILE}), which can run "
+            f"code when loaded; re-save them with save_pretrained(folder, safe_serialization=True)"
+        )
+    raise UsageError(f"{folder} holds no {ADAPTER_WEIGHTS_FILE}; pass --adapter with the folder train.py wrote")
+
+
+def _adapter_does_not_fit(error: Exception) -> bool:
+    # torch's load_state_dict says "size mismatch" when the LoRA matrices were shaped for other layer sizes;
+    # PEFT says "not found in the base model" when the adapter's target modules do not exist.
+    return "size mismatch" in str(error) or "not found in the base model" in str(error)
+
+
 def load_adapter(base_model, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
-    """Attach a saved LoRA adapter (PEFT safetensors) to `base_model`."""
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    """Attach a saved LoRA adapter (PEFT safetensors) to `base_model`; refuse one made for another base model.
+
+    The shapes decide whether an adapter fits: the base model's name in the adapter config is only
+    compared for a warning, since a local folder and a Hub id can name the same model.
+    """
+    check_adapter_folder(adapter_dir)
+    expected_base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    try:
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    except (RuntimeError, ValueError) as error:
+        if not _adapter_does_not_fit(error):
+            raise
+        raise UsageError(
+            f"the adapter in {adapter_dir} was made for another base model ({expected_base}) and does not fit "
+            f"{base_model.name_or_path}; pass --model {expected_base} or a local copy of it"
+        ) from error
+    if expected_base and Path(expected_base).name != Path(base_model.name_or_path).name:
+        warnings.warn(
+            f"the adapter in {adapter_dir} was trained on {expected_base}, not {base_model.name_or_path}", stacklevel=2
+        )
+    return model

@@ -1,0 +1,187 @@
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import (
+    QWEN_DIR,
+    ROOT,
+    TINY_TRAINING_FLAGS,
+    load_script,
+    requires_qwen_tokenizer,
+    run_script,
+)
+from safetensors.torch import load_file
+
+from lora_summarization import training
+from lora_summarization.cli import parse_config, run_stage
+
+FAST = ("--eval-steps", "1000", "--save-steps", "1000", "--logging-steps", "1")
+
+
+def train_args(model_dir, data_dir, output_dir, *extra) -> list[str]:
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(output_dir), *extra]
+
+
+def adapter_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def planned_steps(stdout: str) -> int:
+    return int(re.search(r"optimizer steps: ([\d,]+)", stdout).group(1).replace(",", ""))
+
+
+def test_training_lowers_the_loss_and_writes_a_peft_adapter(trained_adapter_dir):
+    summary = json.loads((trained_adapter_dir / "training_summary.json").read_text())
+    assert summary["last_train_loss"] < 0.8 * summary["first_train_loss"]
+    assert summary["last_validation_loss"] < summary["first_validation_loss"]
+    assert summary["optimizer_steps"] == 80
+    assert summary["tokens_trained_on"] > 80 * 8 * 50
+    assert summary["settings"]["lora_r"] == 8 and summary["precision"] == "fp32"
+    config = json.loads((trained_adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert any(
+        "lora_B" in name and weight.abs().sum() > 0 for name, weight in adapter_weights(trained_adapter_dir).items()
+    )
+    assert not list(trained_adapter_dir.glob("*.bin"))
+    assert (trained_adapter_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (trained_adapter_dir / "tokenizer_config.json").exists()
+    assert list((trained_adapter_dir / "runs").glob("events.out.tfevents*"))
+    log = [json.loads(line) for line in (trained_adapter_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "eval_loss" in entry] == [40, 80]
+
+
+def test_dry_run_plans_the_steps_that_training_takes(tiny_model_dir, data_dir, tmp_path):
+    config_only = tmp_path / "config_only"
+    shutil.copytree(tiny_model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    schedule = ("--batch-size", "3", "--grad-accum", "2", "--epochs", "2")
+    dry = run_script("train.py", *train_args(config_only, data_dir, tmp_path / "dry", "--dry-run", *schedule))
+    assert dry.returncode == 0, dry.stderr
+    assert not (tmp_path / "dry").exists()
+
+    real = run_script("train.py", *train_args(tiny_model_dir, data_dir, tmp_path / "real", *schedule, *FAST))
+    assert real.returncode == 0, real.stderr
+    trained = json.loads((tmp_path / "real" / "training_summary.json").read_text())
+    assert planned_steps(dry.stdout) == trained["optimizer_steps"] == 2 * 11  # 64 examples: 22 batches of 3 per epoch
+
+
+@requires_qwen_tokenizer
+def test_dry_run_on_the_real_qwen_config_counts_the_published_parameters(data_dir, tmp_path):
+    result = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    assert "trainable parameters: 2,179,072 of 1,543,714,304 (0.14%)" in result.stdout
+
+
+def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_model_dir, data_dir, tmp_path):
+    schedule = ("--max-steps", "24", "--save-steps", "4", "--eval-steps", "1000", *TINY_TRAINING_FLAGS)
+    uninterrupted = run_script("train.py", *train_args(tiny_model_dir, data_dir, tmp_path / "a", *schedule))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    interrupted_dir = tmp_path / "b"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *train_args(tiny_model_dir, data_dir, interrupted_dir, *schedule),
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while training.latest_checkpoint(interrupted_dir / "checkpoints") is None and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    assert not (interrupted_dir / "adapter_model.safetensors").exists()
+
+    resumed = run_script("train.py", *train_args(tiny_model_dir, data_dir, interrupted_dir, *schedule, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    expected, actual = adapter_weights(tmp_path / "a"), adapter_weights(interrupted_dir)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], atol=1e-6), name
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_with_two_cpu_processes_writes_one_adapter(tiny_model_dir, data_dir, tmp_path):
+    output_dir = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        + [str(ROOT / "train.py"), *train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "4", *FAST)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["optimizer_steps"] == 4
+    assert len(list(output_dir.glob("adapter_model.safetensors"))) == 1
+    log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3, 4]  # written once, by rank 0
+    assert log[0]["epoch"] == 8 / 64  # each optimizer step consumed 8 examples across the two processes
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch, capsys
+):
+    calls = {"n": 0}
+    real_losses = training.response_token_losses
+
+    def losses_turning_nan(*args):
+        calls["n"] += 1
+        losses = real_losses(*args)
+        return losses * float("nan") if calls["n"] > 6 * 2 else losses  # from optimizer step 7 (2 micro-batches)
+
+    monkeypatch.setattr(training, "response_token_losses", losses_turning_nan)
+    train = load_script("train.py")
+    output_dir = tmp_path / "nan"
+    config = parse_config(train.TrainConfig, train_args(tiny_model_dir, data_dir, output_dir, *TINY_TRAINING_FLAGS))
+    config.max_steps, config.save_steps, config.eval_steps = 20, 3, 1000
+    assert train.main(config) == 1
+    assert "optimizer step 7" in capsys.readouterr().err
+    assert not (output_dir / "adapter_model.safetensors").exists()
+    last_good = training.latest_checkpoint(output_dir / "checkpoints")
+    assert last_good.endswith("checkpoint-6")
+    weights = load_file(f"{last_good}/adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_unreachable_hub_exits_2_with_one_line(data_dir, tmp_path):
+    result = run_script("train.py", "--model", "Qwen/Qwen2.5-1.5B-Instruct", "--data-dir", data_dir, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "pass --model with a local copy" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, messages",
+    [
+        (("--resume",), ["no checkpoint"]),
+        (
+            ("--grad-accum", "0", "--precision", "fp8"),
+            ["--grad-accum must be at least 1", "--precision must be one of"],
+        ),
+        (("--data-dir", "missing_data_dir"), ["run data_preparation.py first"]),
+    ],
+)
+def test_bad_input_is_reported_as_a_usage_error(tiny_model_dir, data_dir, tmp_path, flags, messages, capsys):
+    train = load_script("train.py")
+    argv = train_args(tiny_model_dir, data_dir, tmp_path / "out") + list(flags)
+    assert run_stage(train.main, train.TrainConfig, argv) == 2
+    error = capsys.readouterr().err
+    last_line = error.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and all(message in last_line for message in messages)
+    assert "Traceback" not in error

@@ -1,0 +1,118 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from lora_summarization import training
+from lora_summarization.modeling import apply_lora
+from lora_summarization.prompts import encode_example
+from lora_summarization.synthetic import make_examples
+
+
+@pytest.fixture
+def batch(tokenizer):
+    examples = make_examples(6, seed=7)
+    encoded = [encode_example(tokenizer, ex["dialogue"], ex["summary"], 512) for ex in examples]
+    return training.ResponseCollator(tokenizer.pad_token_id)(training.as_features(encoded))
+
+
+@pytest.fixture
+def lora_model(tiny_model_dir):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    return get_peft_model(base, config).eval()
+
+
+def full_logits_loss(model, batch) -> torch.Tensor:
+    """The reference computation: logits at every position, HF's shifted cross-entropy."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+def test_fast_loss_equals_the_full_logits_loss(lora_model, batch):
+    with torch.no_grad():
+        hidden = training.model_hidden_states(lora_model, batch)
+        fast = training.response_token_losses(hidden, batch["labels"], lora_model.get_output_embeddings()).mean()
+        reference = full_logits_loss(lora_model, batch)
+        builtin = lora_model(**batch).loss
+    assert torch.allclose(fast, reference, atol=1e-5, rtol=0)
+    assert torch.allclose(fast, builtin, atol=1e-5, rtol=0)
+
+
+def test_fast_loss_gradient_equals_the_full_logits_gradient(lora_model, batch):
+    lora_model.train()
+    parameter = next(p for name, p in lora_model.named_parameters() if "lora_B" in name)
+    fast = training.response_token_losses(
+        training.model_hidden_states(lora_model, batch), batch["labels"], lora_model.get_output_embeddings()
+    ).mean()
+    (fast_grad,) = torch.autograd.grad(fast, parameter)
+    (reference_grad,) = torch.autograd.grad(full_logits_loss(lora_model, batch), parameter)
+    assert torch.allclose(fast_grad, reference_grad, atol=1e-6)
+
+
+def test_loss_is_normalised_over_the_label_tokens_of_all_micro_batches(lora_model, tokenizer, tmp_path):
+    """Summing the micro-batch losses gives the token mean of the whole batch, not a mean of means."""
+    summaries = ["Ok.", "Yes.", " ".join(["Tom will bring the cake and Anna the drinks."] * 6), "No.", "Fine.", "Sure."]
+    encoded = [encode_example(tokenizer, "Tom: hi\nAnna: hello", summary, 512) for summary in summaries]
+    batch = training.ResponseCollator(tokenizer.pad_token_id)(training.as_features(encoded))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = training.SummaryTrainer(model=lora_model, args=args)
+    micro_batches = [{key: value[i : i + 2] for key, value in batch.items()} for i in range(0, 6, 2)]
+    label_tokens = (batch["labels"][:, 1:] != -100).sum()
+    with torch.no_grad():
+        accumulated = sum(trainer.compute_loss(lora_model, mb, num_items_in_batch=label_tokens) for mb in micro_batches)
+        per_batch_means = [trainer.compute_loss(lora_model, mb) for mb in micro_batches]
+        pooled = full_logits_loss(lora_model, batch)
+    assert torch.allclose(accumulated, pooled, atol=1e-5)
+    assert not torch.allclose(torch.stack(per_batch_means).mean(), pooled, atol=1e-4)
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    lengths = [(i * 37) % 101 for i in range(64)]
+    first, second = (training.EpochSeededLengthGroupedSampler(8, lengths, seed=3) for _ in range(2))
+    list(first)  # the first sampler has already served epoch 0 when both move to epoch 1
+    first.set_epoch(1)
+    second.set_epoch(1)
+    epoch_one = list(first)
+    assert epoch_one == list(second)
+    assert sorted(epoch_one) == list(range(64))
+    second.set_epoch(2)
+    assert list(second) != epoch_one
+    assert isinstance(first, LengthGroupedSampler)
+
+
+def test_checkpoint_is_never_left_half_written(lora_model, tokenizer, tmp_path, monkeypatch):
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to="none", use_cpu=True)
+    trainer = training.SummaryTrainer(model=lora_model, args=args, processing_class=tokenizer)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.state.global_step = 5
+
+    def crash(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", crash)
+    with pytest.raises(OSError):
+        trainer._save_checkpoint(lora_model, trial=None)
+    assert training.latest_checkpoint(tmp_path / "checkpoints") is None
+
+    monkeypatch.undo()
+    training.clear_incomplete_checkpoints(tmp_path / "checkpoints")
+    trainer._save_checkpoint(lora_model, trial=None)
+    checkpoint = training.latest_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint.endswith("checkpoint-5")
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth"} <= {p.name for p in tmp_path.glob("**/*")}
+    assert not (tmp_path / "checkpoints" / training.CHECKPOINT_STAGING).exists()
+
+
+def test_gradient_checkpointing_still_trains_the_adapter(tiny_model_dir, batch):
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dropout=0.0, gradient_checkpointing=True)
+    model.train()
+    hidden = training.model_hidden_states(model, batch)
+    training.response_token_losses(hidden, batch["labels"], model.get_output_embeddings()).mean().backward()
+    lora_grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]  # A gets none while B is 0
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)

@@ -1,0 +1,240 @@
+"""Stage 3: train the LoRA adapter on data/train_data.json.
+
+    python train.py                                  # the published recipe, on one GPU
+    python train.py --precision bf16 --batch-size 8 --grad-accum 1
+    python train.py --dry-run                        # print the plan; works without model weights
+    python train.py --resume                         # continue from the latest checkpoint
+    torchrun --nproc_per_node 2 train.py             # DDP; the effective batch stays batch x accumulation
+
+Edit the defaults in TrainConfig below, or override any field on the command line (--learning-rate 1e-4).
+Writes fine_tuned_model/: the adapter (PEFT safetensors), tokenizer, training_summary.json,
+train_log.jsonl, loss_curve.png, TensorBoard runs/ and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from lora_summarization import data, modeling
+from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
+from lora_summarization.training import (
+    build_trainer,
+    clear_incomplete_checkpoints,
+    encode_records,
+    latest_checkpoint,
+    optimizer_steps_per_epoch,
+    plot_loss_curve,
+)
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={"help": "Hub id or local model folder"})
+    data_dir: str = field(default="data", metadata={"help": "folder written by data_preparation.py"})
+    output_dir: str = field(default="fine_tuned_model", metadata={"help": "where the adapter and logs go"})
+    epochs: float = field(default=3, metadata={"help": "passes over the training data"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
+    batch_size: int = field(default=2, metadata={"help": "micro-batch per device"})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step, summed over devices"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate"})
+    lr_scheduler: str = field(default="linear", metadata={"help": "learning-rate schedule after warm-up"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_length: int = field(default=512, metadata={"help": "token budget; long dialogues are shortened, not summaries"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "comma-separated module names, or all-linear"}
+    )
+    precision: str = field(default="fp32", metadata={"help": "fp32 (published), tf32 or bf16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system message; None = template default"})
+    eval_steps: int = field(default=200, metadata={"help": "validation loss every N optimizer steps"})
+    eval_examples: int = field(default=200, metadata={"help": "validation examples scored (first N)"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps"})
+    save_total_limit: int = field(default=3, metadata={"help": "checkpoints kept"})
+    logging_steps: int = field(default=10, metadata={"help": "log the train loss every N optimizer steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output-dir"})
+    dry_run: bool = field(default=False, metadata={"help": "print the plan and exit without training"})
+    seed: int = field(default=42, metadata={"help": "seed for LoRA init, data order and dropout"})
+    debug: bool = field(default=False, metadata={"help": "show tracebacks for usage errors"})
+
+
+def validate(config: TrainConfig, world_size: int) -> None:
+    """Report every bad setting at once, before anything expensive."""
+    problems = []
+    if config.batch_size < 1 or config.grad_accum < 1:
+        problems.append("--batch-size and --grad-accum must be at least 1")
+    elif config.grad_accum % world_size:
+        problems.append(f"--grad-accum {config.grad_accum} must be divisible by the {world_size} processes")
+    if config.precision not in modeling.PRECISIONS:
+        problems.append(f"--precision must be one of {', '.join(modeling.PRECISIONS)}")
+    if config.epochs <= 0 and config.max_steps <= 0:
+        problems.append("--epochs or --max-steps must be positive")
+    if config.learning_rate < 0:
+        problems.append("--learning-rate must not be negative")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def load_datasets(config: TrainConfig, tokenizer):
+    data_dir = Path(config.data_dir)
+    train = encode_records(
+        tokenizer, data.read_records(data_dir / data.TRAIN_FILE), config.max_length, config.system_prompt
+    )
+    validation_records = data.read_records(data_dir / data.VALIDATION_FILE)[: config.eval_examples]
+    validation = encode_records(tokenizer, validation_records, config.max_length, config.system_prompt)
+    return train, validation
+
+
+def build_model(config: TrainConfig, weights: bool):
+    dtype = modeling.configure_precision(config.precision)
+    base = modeling.load_base_model(config.model, dtype, weights=weights)
+    set_seed(config.seed)  # the LoRA initialisation
+    return modeling.apply_lora(
+        base,
+        config.lora_r,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.target_modules,
+        config.gradient_checkpointing,
+    )
+
+
+def training_plan(config: TrainConfig, train, model, world_size: int) -> dict:
+    per_epoch = optimizer_steps_per_epoch(len(train), config.batch_size, config.grad_accum // world_size, world_size)
+    trainable, base = modeling.parameter_counts(model)
+    return {
+        "examples": len(train),
+        "dialogues_shortened": sum(ex.dialogue_shortened for ex in train),
+        "tokens_per_epoch": sum(len(ex.input_ids) for ex in train),
+        "label_tokens_per_epoch": sum(ex.num_label_tokens for ex in train),
+        "effective_batch": config.batch_size * config.grad_accum,
+        "processes": world_size,
+        "optimizer_steps": config.max_steps if config.max_steps > 0 else round(per_epoch * config.epochs),
+        "trainable_parameters": trainable,
+        "base_parameters": base,
+        "precision": config.precision,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def print_plan(plan: dict) -> None:
+    print(f"examples: {plan['examples']:,} ({plan['dialogues_shortened']:,} dialogues shortened to fit)")
+    print(f"tokens per epoch: {plan['tokens_per_epoch']:,} ({plan['label_tokens_per_epoch']:,} summary tokens)")
+    print(f"optimizer steps: {plan['optimizer_steps']:,} at an effective batch of {plan['effective_batch']}")
+    share = 100 * plan["trainable_parameters"] / plan["base_parameters"]
+    print(f"trainable parameters: {plan['trainable_parameters']:,} of {plan['base_parameters']:,} ({share:.2f}%)")
+    print(f"precision: {plan['precision']}, device: {plan['device']}, processes: {plan['processes']}")
+
+
+def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 8),
+        gradient_accumulation_steps=config.grad_accum // world_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        bf16=config.precision == "bf16",
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),  # makes torchrun on CPU use DDP over gloo
+        seed=config.seed,
+    )
+
+
+def resume_checkpoint(config: TrainConfig) -> str | None:
+    checkpoint_dir = Path(config.output_dir) / "checkpoints"
+    clear_incomplete_checkpoints(checkpoint_dir)
+    if not config.resume:
+        return None
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start fresh")
+    print(f"resuming from {checkpoint}")
+    return checkpoint
+
+
+def losses(log_history: list[dict], key: str) -> list[float]:
+    return [entry[key] for entry in log_history if key in entry]
+
+
+def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, tokens_seen: int, runtime_s: float) -> None:
+    output_dir = Path(config.output_dir)
+    trainer.model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    history = trainer.state.log_history
+    plot_loss_curve(history, output_dir / "loss_curve.png")
+    train_losses, eval_losses = losses(history, "loss"), losses(history, "eval_loss")
+    summary = {
+        **plan,
+        "optimizer_steps": trainer.state.global_step,
+        "tokens_trained_on": tokens_seen,
+        "runtime_seconds": round(runtime_s, 1),
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "last_train_loss": train_losses[-1] if train_losses else None,
+        "first_validation_loss": eval_losses[0] if eval_losses else None,
+        "last_validation_loss": eval_losses[-1] if eval_losses else None,
+        "settings": config_as_dict(config),
+    }
+    write_json(output_dir / "training_summary.json", summary)
+    print(f"adapter saved to {output_dir} ({trainer.state.global_step:,} steps in {runtime_s / 60:.1f} min)")
+
+
+def main(config: TrainConfig) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    validate(config, world_size)
+    checkpoint = None if config.dry_run else resume_checkpoint(config)
+    tokenizer = modeling.load_tokenizer(config.model)
+    train, validation = load_datasets(config, tokenizer)
+    model = build_model(config, weights=not config.dry_run)
+    plan = training_plan(config, train, model, world_size)
+    print_plan(plan)
+    if config.dry_run:
+        return 0
+    modeling.resolve_device()
+    args = training_arguments(config, Path(config.output_dir) / "checkpoints", world_size)
+    trainer, guard = build_trainer(model, tokenizer, train, validation, args, Path(config.output_dir))
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if guard.bad_step is not None:
+        print(
+            f"error: the loss became NaN or infinite at optimizer step {guard.bad_step}; training stopped and the "
+            f"last good checkpoint (if any) is in {Path(config.output_dir) / 'checkpoints'}. "
+            "Lower --learning-rate or use --precision fp32.",
+            file=sys.stderr,
+        )
+        return EXIT_CHECK_FAILED
+    tokens_seen = int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum"))
+    if trainer.is_world_process_zero():
+        save_outputs(config, trainer, tokenizer, plan, tokens_seen, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main, TrainConfig))
