@@ -1,0 +1,33 @@
+"""unit_test.py, the pipeline smoke test: it must pass when learning works and fail when it cannot."""
+
+import json
+
+from conftest import load_script, run_script
+
+from lora_summarization.cli import run_stage
+
+SMOKE = ("--steps", "30", "--batch-size", "4")
+
+
+def test_smoke_test_passes_on_learnable_data(tiny_model_dir, data_dir, tmp_path):
+    output_dir = tmp_path / "finetune_100_model"
+    args = ("--model", tiny_model_dir, "--data-dir", data_dir, "--output-dir", output_dir, *SMOKE)
+    result = run_script("unit_test.py", *args, "--learning-rate", "1e-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("PASSED")
+    report = json.loads((output_dir / "unit_test_report.json").read_text())
+    assert report["verdict"] == "PASSED" and report["steps"] == 30
+    assert report["held_out_loss_after"] < report["held_out_loss_before"] * (1 - report["min_improvement"])
+    assert (report["train_examples"], report["held_out_examples"]) == (32, 8)  # 80/20 of 40 unit-test examples
+    assert (output_dir / "adapter_model.safetensors").exists()
+
+
+def test_smoke_test_fails_when_nothing_is_learned(tiny_model_dir, data_dir, tmp_path, capsys):
+    unit_test = load_script("unit_test.py")
+    output_dir = tmp_path / "finetune_100_model"
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--output-dir", str(output_dir), *SMOKE]
+    assert run_stage(unit_test.main, unit_test.UnitTestConfig, [*argv, "--learning-rate", "0"]) == 1
+    assert capsys.readouterr().out.strip().endswith("FAILED")
+    report = json.loads((output_dir / "unit_test_report.json").read_text())
+    assert report["verdict"] == "FAILED"
+    assert report["held_out_loss_after"] == report["held_out_loss_before"]
