@@ -184,7 +184,8 @@ def losses(log_history: list[dict], key: str) -> list[float]:
     return [entry[key] for entry in log_history if key in entry]
 
 
-def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, tokens_seen: int, runtime_s: float) -> None:
+def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
+    """Adapter, tokenizer, loss curve and training_summary.json; `this_run` counts since a resume."""
     output_dir = Path(config.output_dir)
     trainer.model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -194,8 +195,7 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, tokens_see
     summary = {
         **plan,
         "optimizer_steps": trainer.state.global_step,
-        "tokens_trained_on": tokens_seen,
-        "runtime_seconds": round(runtime_s, 1),
+        **this_run,
         "first_train_loss": train_losses[0] if train_losses else None,
         "last_train_loss": train_losses[-1] if train_losses else None,
         "first_validation_loss": eval_losses[0] if eval_losses else None,
@@ -203,7 +203,17 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, tokens_see
         "settings": config_as_dict(config),
     }
     write_json(output_dir / "training_summary.json", summary)
-    print(f"adapter saved to {output_dir} ({trainer.state.global_step:,} steps in {runtime_s / 60:.1f} min)")
+    print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")
+
+
+def report_divergence(config: TrainConfig, step: int) -> int:
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    print(
+        f"error: the loss became NaN or infinite at optimizer step {step}; training stopped and the last good "
+        f"checkpoint (if any) is in {checkpoints}. Lower --learning-rate or use --precision fp32.",
+        file=sys.stderr,
+    )
+    return EXIT_CHECK_FAILED
 
 
 def main(config: TrainConfig) -> int:
@@ -223,16 +233,14 @@ def main(config: TrainConfig) -> int:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     if guard.bad_step is not None:
-        print(
-            f"error: the loss became NaN or infinite at optimizer step {guard.bad_step}; training stopped and the "
-            f"last good checkpoint (if any) is in {Path(config.output_dir) / 'checkpoints'}. "
-            "Lower --learning-rate or use --precision fp32.",
-            file=sys.stderr,
-        )
-        return EXIT_CHECK_FAILED
-    tokens_seen = int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum"))
+        return report_divergence(config, guard.bad_step)
+    this_run = {
+        "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
+        "runtime_seconds": round(time.perf_counter() - started, 1),
+        "resumed_from": checkpoint,
+    }
     if trainer.is_world_process_zero():
-        save_outputs(config, trainer, tokenizer, plan, tokens_seen, time.perf_counter() - started)
+        save_outputs(config, trainer, tokenizer, plan, this_run)
     return 0
 
 
