@@ -6,9 +6,14 @@ exists; otherwise a small byte-level BPE carrying Qwen's special tokens and a Ch
 
 from __future__ import annotations
 
+import os
+
+# The test models are tiny: one thread is faster than two, and immune to OpenMP spin-waits when the
+# cores are shared (2 threads made a tiny training step 7x slower on a busy 2-core machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,7 +147,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 def load_script(name: str):
     """Import a stage script (e.g. train.py) as a module, to call its main() in-process."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
+    # A prefixed module name, so evaluate.py cannot shadow an installed package called `evaluate`.
+    spec = importlib.util.spec_from_file_location("stage_" + name.removesuffix(".py"), ROOT / name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
