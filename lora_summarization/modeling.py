@@ -126,7 +126,7 @@ def check_adapter_folder(adapter_dir: str | Path) -> None:
     if (folder / PICKLED_ADAPTER_WEIGHTS_FILE).exists():
         raise UsageError(
             f"{folder} holds the adapter weights only as a pickle ({PICKLED_ADAPTER_WEIGHTS_FILE}), which can run "
-            f"code when loaded; re-save them with save_pretrained(folder, safe_serialization=True)"
+            f"code when loaded; convert them to {ADAPTER_WEIGHTS_FILE} (PeftModel.save_pretrained writes it)"
         )
     raise UsageError(f"{folder} holds no {ADAPTER_WEIGHTS_FILE}; pass --adapter with the folder train.py wrote")
 
@@ -150,9 +150,10 @@ def load_adapter(base_model, adapter_dir: str | Path, is_trainable: bool = False
     except (RuntimeError, ValueError) as error:
         if not _adapter_does_not_fit(error):
             raise
+        expected = f"; it was made for {expected_base}: pass --model with that model" if expected_base else ""
         raise UsageError(
-            f"the adapter in {adapter_dir} was made for another base model ({expected_base}) and does not fit "
-            f"{base_model.name_or_path}; pass --model {expected_base} or a local copy of it"
+            f"the adapter in {adapter_dir} does not fit the base model {base_model.name_or_path} "
+            f"(its weights have other shapes or layer names){expected}"
         ) from error
     if expected_base and Path(expected_base).name != Path(base_model.name_or_path).name:
         warnings.warn(
