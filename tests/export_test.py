@@ -1,0 +1,122 @@
+"""lora_summarization.export: the merged model is a plain safetensors model with the adapter model's logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lora_summarization import export, modeling
+from lora_summarization.cli import run_stage
+
+DIALOGUE = "Anna: Are we still on for lunch?\nBen: Yes, 12:30 at the usual place.\nAnna: See you there!"
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with random, non-zero B matrices, so that it changes the base model's logits."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    folder = tmp_path_factory.mktemp("adapter")
+    get_peft_model(base, lora).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model_dir, adapter_dir, tokenizer) -> dict[str, torch.Tensor]:
+    """Logits of the base model with the adapter attached (as evaluation loads it) and without."""
+    model = modeling.load_adapter(modeling.load_base_model(str(tiny_model_dir)), adapter_dir).eval()
+    input_ids = tokenizer(DIALOGUE, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids).logits
+        with model.disable_adapter():
+            base = model(input_ids).logits
+    return {"input_ids": input_ids, "adapted": adapted, "base": base}
+
+
+def run_export(capsys, *args) -> tuple[int, str]:
+    code = run_stage(export.main, export.ExportConfig, [str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+def saved_dtypes(folder) -> set[torch.dtype]:
+    dtypes = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as weights:
+            dtypes |= {weights.get_tensor(name).dtype for name in weights.keys()}
+    return dtypes
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "tolerance"), [("fp32", torch.float32, 1e-5), ("bf16", torch.bfloat16, 0.05)]
+)
+def test_merged_model_is_plain_safetensors_with_the_adapter_models_logits(
+    capsys, tmp_path, tiny_model_dir, adapter_dir, reference_logits, precision, dtype, tolerance
+):
+    out = tmp_path / "merged"
+    code, err = run_export(
+        capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, "--output-dir", out, "--precision", precision
+    )
+    assert code == 0, err
+
+    names = {path.name for path in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert "adapter_config.json" not in names  # loaders must not mistake it for an adapter
+    assert saved_dtypes(out) == {dtype}
+    settings = json.loads((out / export.EXPORT_SETTINGS_FILE).read_text(encoding="utf-8"))
+    assert (settings["trained_on"], settings["precision"]) == (str(tiny_model_dir), precision)
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = merged(reference_logits["input_ids"]).logits
+    adapter_effect = (reference_logits["adapted"] - reference_logits["base"]).abs().max()
+    assert adapter_effect > 1.0  # the adapter moves the logits, so a merge that dropped it would fail below
+    assert (logits - reference_logits["adapted"]).abs().max() <= tolerance * adapter_effect
+
+
+def test_missing_adapter_exits_2_with_one_line_from_the_command_line(tmp_path, tiny_model_dir):
+    missing, out = tmp_path / "no_adapter", tmp_path / "merged"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--model", tiny_model_dir, "--adapter", missing, "--output-dir", out]
+    command = [sys.executable, "-m", "lora_summarization.export", *map(str, args)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: adapter folder {missing} not found; run train.py first or pass --adapter with its folder"
+    ]
+    assert not out.exists()
+
+
+def test_adapter_for_another_base_is_a_usage_error(capsys, tmp_path, tokenizer, tiny_model_dir, adapter_dir):
+    other = tmp_path / "other-base"
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    code, err = run_export(capsys, "--model", other, "--adapter", adapter_dir, "--output-dir", tmp_path / "merged")
+    assert code == 2
+    message = err.splitlines()[-1]  # after the progress bar of saving the other model
+    assert (
+        message.startswith("error: the adapter in")
+        and f"does not fit the base model {other}" in message
+        and f"made for {tiny_model_dir}: pass --model with that model" in message
+    )
+    assert not (tmp_path / "merged").exists()
