@@ -10,7 +10,8 @@ Rescore outside predictions with the same ROUGE (JSONL lines with "prediction" a
 
     python evaluate.py --score predictions.jsonl
 
-Writes evaluation_results.json, evaluation_predictions.jsonl and evaluation_chart.png to --output-dir.
+Writes evaluation_results.json, evaluation_predictions.jsonl and evaluation_chart.png to --output-dir,
+and adds the metrics to the adapter's model card (README.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lora_summarization.evaluation import (
     save_chart,
     score_model,
 )
+from lora_summarization.model_card import add_evaluation
 from lora_summarization.modeling import (
     PRECISIONS,
     check_adapter_folder,
@@ -153,7 +155,8 @@ def save_outputs(config: EvalConfig, model, records, base: ModelScores, fine_tun
     write_json(output_dir / RESULTS_FILE, results)
     write_predictions(output_dir / PREDICTIONS_FILE, records, base, fine_tuned)
     save_chart(results["base"], results["fine_tuned"], differences, output_dir / CHART_FILE)
-    print(f"wrote {RESULTS_FILE}, {PREDICTIONS_FILE} and {CHART_FILE} to {output_dir}")
+    card = add_evaluation(config.adapter, results)
+    print(f"wrote {RESULTS_FILE}, {PREDICTIONS_FILE} and {CHART_FILE} to {output_dir}; metrics added to {card}")
 
 
 def write_predictions(path: Path, records: list[dict], base: ModelScores, fine_tuned: ModelScores) -> None:

@@ -7,8 +7,8 @@
     torchrun --nproc_per_node 2 train.py             # DDP; the effective batch stays batch x accumulation
 
 Edit the defaults in TrainConfig below, or override any field on the command line (--learning-rate 1e-4).
-Writes fine_tuned_model/: the adapter (PEFT safetensors), tokenizer, training_summary.json,
-train_log.jsonl, loss_curve.png, TensorBoard runs/ and checkpoints/.
+Writes fine_tuned_model/: the adapter (PEFT safetensors), tokenizer, a model card (README.md),
+training_summary.json, train_log.jsonl, loss_curve.png, TensorBoard runs/ and checkpoints/.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from transformers import TrainingArguments, set_seed
 
 from lora_summarization import data, modeling
 from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
+from lora_summarization.model_card import write_model_card
 from lora_summarization.training import (
     build_trainer,
     clear_incomplete_checkpoints,
@@ -203,6 +204,7 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: 
         "settings": config_as_dict(config),
     }
     write_json(output_dir / "training_summary.json", summary)
+    write_model_card(output_dir, summary)  # after save_pretrained, which writes PEFT's own README.md
     print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")
 
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lora_summarization import data
+from lora_summarization.model_card import NOT_EVALUATED
 
 METRICS = ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
-MODEL_CARD = "# fine-tuned model\n\nmetrics: to be filled by a later stage\n"
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,9 @@ def evaluate_script():
 
 @pytest.fixture(scope="module")
 def adapter_with_card(tmp_path_factory, trained_adapter_dir):
-    """A copy of the trained adapter with a model card that evaluation must leave alone."""
+    """A copy of the trained adapter with the model card train.py wrote, which evaluation completes."""
     folder = tmp_path_factory.mktemp("adapter") / "fine_tuned_model"
     shutil.copytree(trained_adapter_dir, folder, ignore=shutil.ignore_patterns("checkpoints", "runs"))
-    (folder / "README.md").write_text(MODEL_CARD, encoding="utf-8")
     return folder
 
 
@@ -61,7 +60,7 @@ def run_in_process(evaluate_script, capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_adapter_beats_base_with_intervals_reported(first_run, data_dir, adapter_with_card):
+def test_adapter_beats_base_with_intervals_reported(first_run, data_dir, adapter_with_card, trained_adapter_dir):
     output_dir, result = first_run
     results = json.loads((output_dir / "evaluation_results.json").read_text())
     test_records = data.read_records(data_dir / data.TEST_FILE)
@@ -88,7 +87,10 @@ def test_adapter_beats_base_with_intervals_reported(first_run, data_dir, adapter
 
     assert (output_dir / "evaluation_chart.png").read_bytes().startswith(b"\x89PNG")
     assert "95% interval" in result.stdout and "ROUGE-Lsum" in result.stdout
-    assert (adapter_with_card / "README.md").read_text(encoding="utf-8") == MODEL_CARD
+    card = (adapter_with_card / "README.md").read_text(encoding="utf-8")
+    training_part = (trained_adapter_dir / "README.md").read_text(encoding="utf-8").split("## Evaluation")[0]
+    assert card.startswith(training_part) and NOT_EVALUATED not in card
+    assert card.count("## Evaluation") == 1 and "ROUGE-L" in card.split("## Evaluation")[1]
 
 
 def test_two_runs_give_identical_predictions(first_run, tmp_path, tiny_model_dir, adapter_with_card, data_dir):
@@ -101,10 +103,11 @@ def test_two_runs_give_identical_predictions(first_run, tmp_path, tiny_model_dir
 def test_no_generate_scores_the_loss_only(
     evaluate_script, capsys, tmp_path, tiny_model_dir, trained_adapter_dir, data_dir
 ):
+    adapter = shutil.copytree(trained_adapter_dir, tmp_path / "adapter")  # evaluation writes to its model card
     code, out, err = run_in_process(
         evaluate_script,
         capsys,
-        *("--model", tiny_model_dir, "--adapter", trained_adapter_dir, "--data-dir", data_dir),
+        *("--model", tiny_model_dir, "--adapter", adapter, "--data-dir", data_dir),
         *("--output-dir", tmp_path, "--no-generate", "--max-examples", "3"),
     )
     assert code == 0, err

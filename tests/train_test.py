@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from lora_summarization import training
 from lora_summarization.cli import parse_config, run_stage
+from lora_summarization.model_card import NOT_EVALUATED
 
 FAST = ("--eval-steps", "1000", "--save-steps", "1000", "--logging-steps", "1")
 
@@ -54,6 +55,8 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter(trained_adapter_dir)
     assert not list(trained_adapter_dir.glob("*.bin"))
     assert (trained_adapter_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_adapter_dir / "tokenizer_config.json").exists()
+    card = (trained_adapter_dir / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in card and NOT_EVALUATED in card and "| `--learning-rate` | `0.01` |" in card
     assert list((trained_adapter_dir / "runs").glob("events.out.tfevents*"))
     log = [json.loads(line) for line in (trained_adapter_dir / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log if "eval_loss" in entry] == [40, 80]
