@@ -70,7 +70,7 @@ def load_test_tokenizer():
     return AutoTokenizer.from_pretrained(qwen_dir) if qwen_dir else build_fallback_tokenizer()
 
 
-def save_tiny_model(folder: Path, tokenizer, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, tokenizer, seed: int = 0, hidden_size: int = 64) -> Path:
     """A 2-layer Qwen2 with random weights, saved with its tokenizer as an ordinary HF model folder.
 
     Weights are drawn wider than Qwen's 0.02 so that a LoRA adapter on q/k/v/o can move the logits far
@@ -79,8 +79,8 @@ def save_tiny_model(folder: Path, tokenizer, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         initializer_range=0.2,
         num_hidden_layers=2,
         num_attention_heads=4,

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_script, run_script
+from conftest import load_script, run_script, save_tiny_model
 from peft import LoraConfig, get_peft_model
 from rouge_score import rouge_scorer
 from safetensors.torch import load_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from lora_summarization import data
 from lora_summarization.model_card import NOT_EVALUATED
@@ -176,14 +176,12 @@ def test_pickled_adapter_is_refused(evaluate_script, capsys, tmp_path, trained_a
     assert "pickle" in message and "adapter_model.safetensors" in message
 
 
-def test_adapter_for_another_base_model_is_refused(evaluate_script, capsys, tmp_path, tiny_model_dir, data_dir):
-    other_base = tmp_path / "wider-tiny-qwen2"
-    config = Qwen2Config(
-        vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
-    )
-    Qwen2ForCausalLM(config).save_pretrained(other_base)
-    wider = Qwen2ForCausalLM.from_pretrained(other_base)
-    get_peft_model(wider, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+def test_adapter_for_another_base_model_is_refused(
+    evaluate_script, capsys, tmp_path, tokenizer, tiny_model_dir, data_dir
+):
+    other_base = save_tiny_model(tmp_path / "narrower-tiny-qwen2", tokenizer, hidden_size=48)
+    other = Qwen2ForCausalLM.from_pretrained(other_base)
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
     flags = ("--model", tiny_model_dir, "--adapter", tmp_path / "adapter", "--data-dir", data_dir, "--no-generate")
     message = refusal(evaluate_script, capsys, *flags)
     assert "does not fit" in message and f"made for {other_base}" in message

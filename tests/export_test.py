@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, save_tiny_model
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lora_summarization import export, modeling
 from lora_summarization.cli import run_stage
@@ -100,17 +100,7 @@ def test_missing_adapter_exits_2_with_one_line_from_the_command_line(tmp_path, t
 
 
 def test_adapter_for_another_base_is_a_usage_error(capsys, tmp_path, tokenizer, tiny_model_dir, adapter_dir):
-    other = tmp_path / "other-base"
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(other)
-    tokenizer.save_pretrained(other)
+    other = save_tiny_model(tmp_path / "other-base", tokenizer, hidden_size=32)
     code, err = run_export(capsys, "--model", other, "--adapter", adapter_dir, "--output-dir", tmp_path / "merged")
     assert code == 2
     message = err.splitlines()[-1]  # after the progress bar of saving the other model
