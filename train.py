@@ -28,6 +28,7 @@ from lora_summarization.model_card import write_model_card
 from lora_summarization.training import (
     build_trainer,
     clear_incomplete_checkpoints,
+    core_training_arguments,
     encode_records,
     latest_checkpoint,
     optimizer_steps_per_epoch,
@@ -139,7 +140,7 @@ def print_plan(plan: dict) -> None:
 
 
 def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: int) -> TrainingArguments:
-    return TrainingArguments(
+    return core_training_arguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -151,7 +152,6 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        optim="adamw_torch",
         bf16=config.precision == "bf16",
         eval_strategy="steps",
         eval_steps=config.eval_steps,
@@ -159,12 +159,7 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         logging_steps=config.logging_steps,
-        logging_nan_inf_filter=False,
-        prediction_loss_only=True,
-        remove_unused_columns=False,
         ddp_find_unused_parameters=False,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),  # makes torchrun on CPU use DDP over gloo
         seed=config.seed,
     )
 

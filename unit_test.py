@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import TrainingArguments, set_seed
 
 from lora_summarization import data, modeling
 from lora_summarization.cli import EXIT_CHECK_FAILED, config_as_dict, run_stage, write_json
-from lora_summarization.training import build_trainer, encode_records
+from lora_summarization.training import build_trainer, core_training_arguments, encode_records
 
 
 @dataclass
@@ -51,7 +50,7 @@ def split_records(records: list[dict], held_out_fraction: float, seed: int) -> t
 
 
 def training_arguments(config: UnitTestConfig, held_out_size: int) -> TrainingArguments:
-    return TrainingArguments(
+    return core_training_arguments(
         output_dir=str(Path(config.output_dir) / "checkpoints"),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
@@ -60,16 +59,10 @@ def training_arguments(config: UnitTestConfig, held_out_size: int) -> TrainingAr
         learning_rate=config.learning_rate,
         warmup_steps=config.steps // 10,
         max_grad_norm=1.0,
-        optim="adamw_torch",
         bf16=config.precision == "bf16",
         eval_strategy="no",
         save_strategy="no",
         logging_steps=10,
-        logging_nan_inf_filter=False,
-        prediction_loss_only=True,
-        remove_unused_columns=False,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),  # makes torchrun on CPU use DDP over gloo
         seed=config.seed,
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -187,6 +187,22 @@ class LossProgressCallback(ProgressCallback):
             shown = {key: f"{logs[key]:.4f}" for key in ("loss", "eval_loss") if key in logs}
             if shown:
                 self.training_bar.set_postfix(shown, refresh=False)
+
+
+def core_training_arguments(**settings) -> TrainingArguments:
+    """TrainingArguments with what the training core relies on; each stage adds its hyperparameters."""
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        optim="adamw_torch",
+        logging_nan_inf_filter=False,  # the NaN guard must see non-finite losses, not have them filtered
+        prediction_loss_only=True,
+        remove_unused_columns=False,  # features are token lists for the collator, not model kwargs
+        report_to="none",  # build_trainer attaches TensorBoard itself, to a folder of our choosing
+        use_cpu=not cuda,  # without it, torchrun on a CPU host trains each rank alone instead of DDP over gloo
+        dataloader_pin_memory=cuda,
+        accelerator_config={"non_blocking": cuda},
+        **settings,
+    )
 
 
 def build_trainer(
