@@ -105,7 +105,9 @@ class SummaryTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         token_losses = response_token_losses(
-            model_hidden_states(model, inputs), inputs["labels"], self.accelerator.unwrap_model(model).lm_head
+            model_hidden_states(model, inputs),
+            inputs["labels"],
+            self.accelerator.unwrap_model(model).get_output_embeddings(),
         )
         if num_items_in_batch is None:
             loss = token_losses.mean()
