@@ -1,9 +1,12 @@
 """Training throughput: the project's training step against the published recipe's, on the same examples.
 
-    python benchmarks/train_throughput.py                                      # proxy model; minutes on 2 CPU cores
-    python benchmarks/train_throughput.py --batch-size 2 --grad-accum 4        # the project path at micro-batch 2
-    python benchmarks/train_throughput.py --model qwen2.5-1.5b --steps 2 --repeats 1 --batch-size 2 --grad-accum 4
+    python benchmarks/train_throughput.py                        # proxy, project at 8 x 1: ~3 min on 2 CPU cores
+    python benchmarks/train_throughput.py --batch-size 1 --grad-accum 8
+    python benchmarks/train_throughput.py --model qwen2.5-1.5b --steps 2 --repeats 2 --batch-size 1 --grad-accum 8
     python benchmarks/train_throughput.py --model qwen2.5-1.5b --precision bf16   # on a GPU; --peak-tflops if unlisted
+
+The 1.5B run takes ~20 min on 2 CPU cores and ~18 GB of RAM; in fp32 its longest 8 x 512 micro-batch
+would need ~35 GB, so use micro-batch 1 or 2 on a CPU.
 
 The project's step is the real code path: optimizer steps drawn from one length-grouped epoch over a
 SAMSum-shaped synthetic training set (EpochSeededLengthGroupedSampler), each micro-batch right-padded to
@@ -212,13 +215,13 @@ def published_step(model, step: Step, optimizer, settings: RunSettings, precisio
 
 
 def project_step(model, step: Step, optimizer, settings: RunSettings, precision: str) -> None:
-    collate = training.ResponseCollator(settings.pad_token_id)
+    collate, lm_head = training.ResponseCollator(settings.pad_token_id), model.get_output_embeddings()
     batches = [to_device(collate(micro_batch), model.device) for micro_batch in step]
     label_tokens = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in batches)  # as the Trainer counts
     for batch in batches:
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             hidden_states = training.model_hidden_states(model, batch)
-            token_losses = training.response_token_losses(hidden_states, batch["labels"], model.lm_head)
+            token_losses = training.response_token_losses(hidden_states, batch["labels"], lm_head)
         (token_losses.sum() / label_tokens).backward()
     finish_step(model, optimizer)
 
@@ -346,43 +349,46 @@ def data_facts(examples, variant: Variant) -> dict:
     }
 
 
-def main(config: TrainBenchConfig) -> int:
-    validate(config)
-    source = workload.qwen_source(config.tokenizer)
-    tokenizer = modeling.load_tokenizer(source)
-    examples = workload.samsum_like_examples(tokenizer, config.corpus_size, config.seed)
-    features, lengths = training.as_features(examples), [len(ex.input_ids) for ex in examples]
-    variants = build_variants(config, features, lengths)
-    settings = RunSettings(config.model, source, tokenizer.pad_token_id, config.seed)
+def measure_interleaved(variants: tuple[Variant, Variant], settings: RunSettings, repeats: int) -> dict[str, list]:
     runs = {variant.name: [] for variant in variants}
-    for _ in range(config.repeats):
+    for _ in range(repeats):
         for variant in variants:
             runs[variant.name].append(measure_in_fresh_process(variant, settings))
+    return runs
+
+
+def report(config: TrainBenchConfig, source: str, examples, variants: tuple[Variant, Variant], runs: dict) -> dict:
     device = workload.device()
     baseline, project = (summarize(v, runs[v.name], peak_tflops(config, device, v.precision)) for v in variants)
-    workload.print_json(
-        {
-            "model": config.model,
-            "parameters": runs["project"][0]["parameters"],
-            "device": workload.describe_device(device),
-            "tokenizer": source,
-            "steps": config.steps,
-            "repeats": config.repeats,
-            "data": data_facts(examples, variants[1]),
-            "baseline": baseline,
-            "project": project,
-            "ratios": {
-                key: round(project[key] / baseline[key], 3)
-                for key in (
-                    "examples_per_s",
-                    "examples_per_s_best",
-                    "non_pad_tokens_per_s",
-                    "training_memory_mib",
-                    "peak_memory_mib",
-                )
-            },
-        }
+    compared = (
+        "examples_per_s",
+        "examples_per_s_best",
+        "non_pad_tokens_per_s",
+        "training_memory_mib",
+        "peak_memory_mib",
     )
+    return {
+        "model": config.model,
+        "parameters": runs["project"][0]["parameters"],
+        "device": workload.describe_device(device),
+        "tokenizer": source,
+        "steps": config.steps,
+        "repeats": config.repeats,
+        "data": data_facts(examples, variants[1]),
+        "baseline": baseline,
+        "project": project,
+        "ratios": {key: round(project[key] / baseline[key], 3) for key in compared},
+    }
+
+
+def main(config: TrainBenchConfig) -> int:
+    validate(config)
+    source, tokenizer = workload.load_qwen_tokenizer(config.tokenizer)
+    examples = workload.samsum_like_examples(tokenizer, config.corpus_size, config.seed)
+    variants = build_variants(config, training.as_features(examples), [len(ex.input_ids) for ex in examples])
+    settings = RunSettings(config.model, source, tokenizer.pad_token_id, config.seed)
+    runs = measure_interleaved(variants, settings, config.repeats)
+    workload.print_json(report(config, source, examples, variants, runs))
     return 0
 
 

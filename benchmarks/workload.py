@@ -37,6 +37,15 @@ def qwen_source(folder: str) -> str:
     return QWEN_HUB_ID
 
 
+def load_qwen_tokenizer(folder: str):
+    """(where it came from, the tokenizer): the local folder, else the Hub id."""
+    source = qwen_source(folder)
+    try:
+        return source, modeling.load_tokenizer(source)
+    except UsageError as error:
+        raise UsageError(f"no Qwen2.5 tokenizer in {folder} or from the Hub; pass --tokenizer FOLDER") from error
+
+
 def samsum_like_examples(tokenizer, n: int, seed: int, max_length: int = 512) -> list[EncodedExample]:
     """`n` synthetic dialogues with SAMSum's length distribution, encoded exactly as training encodes them."""
     records = synthetic.make_examples(n, seed=seed, realistic_lengths=True)
