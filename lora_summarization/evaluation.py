@@ -15,8 +15,8 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .prompts import IGNORE_INDEX, EncodedExample, encode_example, end_of_turn_id, extract_summary, prompt_ids
-from .training import ResponseCollator, as_features, model_hidden_states, response_token_losses
+from .prompts import EncodedExample, encode_example, end_of_turn_id, extract_summary, prompt_ids
+from .training import example_loss_sums, length_sorted_batches
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRIC_NAMES = {
@@ -83,37 +83,18 @@ def score_model(
     return ModelScores(losses, label_tokens, predictions, rouge_scores(predictions, test_set.references))
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar length, longest first, so little is padded and out-of-memory shows at once."""
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 def _padded(tokenizer, sequences: list[list[int]], side: str, device) -> dict[str, torch.Tensor]:
     batch = tokenizer.pad({"input_ids": sequences}, padding_side=side, return_tensors="pt")
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _summed_response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example sum of cross-entropy over the label tokens, with training's LM-head-on-labels loss."""
-    labels = batch["labels"]
-    token_losses = response_token_losses(model_hidden_states(model, batch), labels, model.get_output_embeddings())
-    rows = (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
-    return torch.zeros(len(labels), device=labels.device).index_add_(0, rows, token_losses)
-
-
-@torch.inference_mode()
 def response_losses(
     model, tokenizer, examples: list[EncodedExample], batch_size: int, desc: str = "loss"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean cross-entropy over the response tokens, number of response tokens) per example."""
-    collate = ResponseCollator(tokenizer.pad_token_id)
-    sums = np.zeros(len(examples))
+    sums = example_loss_sums(model, examples, tokenizer.pad_token_id, batch_size, desc).numpy()
     counts = np.array([example.num_label_tokens for example in examples])
-    for indices in tqdm(length_sorted_batches([len(e.input_ids) for e in examples], batch_size), desc=desc):
-        batch = collate(as_features([examples[i] for i in indices]))
-        sums[indices] = _summed_response_loss(model, {k: v.to(model.device) for k, v in batch.items()}).cpu().numpy()
-    return sums / counts, counts
+    return sums[0] / counts, counts
 
 
 def greedy_generation_config(tokenizer, max_new_tokens: int) -> GenerationConfig:

@@ -59,13 +59,38 @@ def prompt_ids(tokenizer, dialogue: str, system_prompt: str | None = None) -> li
 
 @dataclass
 class EncodedExample:
+    """Token ids with labels on the response (`Summary: <summary><|im_end|>`), -100 elsewhere.
+
+    The *content* labels drop the fixed `Summary:` prefix: they are the summary text and the end token,
+    the part of the loss that measures summarization rather than learning the answer's format.
+    """
+
     input_ids: list[int]
     labels: list[int]
     dialogue_shortened: bool
+    content_start: int  # index of the first content label (after the `Summary:` prefix tokens)
 
     @property
     def num_label_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+    @property
+    def content_labels(self) -> list[int]:
+        return [IGNORE_INDEX] * self.content_start + self.labels[self.content_start :]
+
+    @property
+    def num_content_tokens(self) -> int:
+        return len(self.labels) - self.content_start
+
+
+def _prefix_token_count(tokenizer, response: list[int]) -> int:
+    """How many leading response tokens spell the `Summary:` prefix; a token that also holds summary text is content."""
+    prefix = RESPONSE_PREFIX.strip()
+    for count in range(1, len(response) + 1):
+        decoded = tokenizer.decode(response[:count]).strip()
+        if len(decoded) >= len(prefix):
+            return count if decoded == prefix else count - 1
+    return 0
 
 
 def _encode_untruncated(tokenizer, dialogue: str, summary: str, system_prompt: str | None) -> EncodedExample:
@@ -80,7 +105,8 @@ def _encode_untruncated(tokenizer, dialogue: str, summary: str, system_prompt: s
         raise ValueError("the chat template does not close the assistant turn with the tokenizer's eos token")
     # Keep the answer up to and including the end-of-turn token; what follows (Qwen's "\n") is not learned.
     response = response[: response.index(eot) + 1]
-    return EncodedExample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, False)
+    content_start = len(prompt) + _prefix_token_count(tokenizer, response)
+    return EncodedExample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, False, content_start)
 
 
 def encode_example(

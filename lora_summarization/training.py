@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
@@ -27,7 +29,7 @@ def encode_records(tokenizer, records: list[dict], max_length: int, system_promp
 
 
 def as_features(examples: list[EncodedExample]) -> list[dict]:
-    return [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
+    return [{"input_ids": ex.input_ids, "labels": ex.labels, "content_labels": ex.content_labels} for ex in examples]
 
 
 @dataclass
@@ -40,13 +42,20 @@ class ResponseCollator:
         longest = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        content_labels = labels.clone()
         attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
         for row, feature in enumerate(features):
             length = len(feature["input_ids"])
             input_ids[row, :length] = torch.tensor(feature["input_ids"])
             labels[row, :length] = torch.tensor(feature["labels"])
+            content_labels[row, :length] = torch.tensor(feature["content_labels"])
             attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "content_labels": content_labels,
+        }
 
 
 def response_token_losses(hidden_states: torch.Tensor, labels: torch.Tensor, output_embeddings) -> torch.Tensor:
@@ -57,8 +66,43 @@ def response_token_losses(hidden_states: torch.Tensor, labels: torch.Tensor, out
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = output_embeddings(hidden_states[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    # Under bf16 autocast the model returns fp32 hidden states while the head's weights stay bf16.
+    selected = hidden_states[:, :-1][keep].to(output_embeddings.weight.dtype)
+    return F.cross_entropy(output_embeddings(selected).float(), targets[keep], reduction="none")
+
+
+def summed_example_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example sums of cross-entropy, shape (2, batch): row 0 over the response, row 1 over its content."""
+    labels = batch["labels"]
+    token_losses = response_token_losses(model_hidden_states(model, batch), labels, model.get_output_embeddings())
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
+    is_content = (batch["content_labels"][:, 1:] != IGNORE_INDEX)[keep]
+    sums = torch.zeros((2, len(labels)), device=labels.device)
+    sums[0].index_add_(0, rows, token_losses)
+    sums[1].index_add_(0, rows[is_content], token_losses[is_content])
+    return sums
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length, longest first, so little is padded and out-of-memory shows at once."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def example_loss_sums(
+    model, examples: list[EncodedExample], pad_token_id: int, batch_size: int, desc: str | None = None
+) -> torch.Tensor:
+    """`summed_example_losses` for every example, in order, on the CPU: shape (2, len(examples))."""
+    collate = ResponseCollator(pad_token_id)
+    sums = torch.zeros((2, len(examples)), dtype=torch.float64)
+    batches = length_sorted_batches([len(example.input_ids) for example in examples], batch_size)
+    for indices in tqdm(batches, desc=desc, disable=desc is None):
+        batch = collate(as_features([examples[i] for i in indices]))
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        sums[:, indices] = summed_example_losses(model, batch).double().cpu()
+    return sums
 
 
 def model_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

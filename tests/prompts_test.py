@@ -9,7 +9,7 @@ from lora_summarization.prompts import (
     extract_summary,
     prompt_ids,
 )
-from lora_summarization.training import ResponseCollator
+from lora_summarization.training import ResponseCollator, as_features
 
 DIALOGUE = "Anna: Are we still on for Friday? <file_photo>\nTom: Yes 😂 & see you at 8"
 SUMMARY = "Anna and Tom will meet on Friday at 8."
@@ -69,8 +69,7 @@ def test_padding_never_erases_a_label_when_pad_equals_end_of_turn(tokenizer):
     """SmolLM2-style tokenizers pad with their end-of-turn token; labels are made before padding."""
     short = encode_example(tokenizer, "A: hi", "Hi.", max_length=512)
     longer = encode_example(tokenizer, DIALOGUE, SUMMARY, max_length=512)
-    features = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in (short, longer)]
-    batch = ResponseCollator(pad_token_id=tokenizer.eos_token_id)(features)
+    batch = ResponseCollator(pad_token_id=tokenizer.eos_token_id)(as_features([short, longer]))
     row = batch["labels"][0]
     assert row[len(short.labels) - 1] == tokenizer.eos_token_id
     assert (row[len(short.labels) :] == IGNORE_INDEX).all()
@@ -92,3 +91,12 @@ def test_extract_summary_removes_the_prefix_only_at_the_start():
     assert extract_summary("Summary: Tom is late. Summary: later") == "Tom is late. Summary: later"
     assert extract_summary("  summary:Tom is late.\n") == "Tom is late."
     assert extract_summary("Tom is late.") == "Tom is late."
+
+
+def test_content_labels_are_the_summary_and_end_of_turn_without_the_format_prefix(tokenizer):
+    for max_length in (512, 64):  # whole, and with the dialogue shortened
+        encoded = encode_example(tokenizer, DIALOGUE * 8, SUMMARY, max_length=max_length)
+        assert label_text(tokenizer, encoded.content_labels).strip() == f"{SUMMARY}{tokenizer.eos_token}"
+        prefix = [label for label in encoded.labels[: encoded.content_start] if label != IGNORE_INDEX]
+        assert tokenizer.decode(prefix).strip() == "Summary:"
+        assert encoded.num_content_tokens == encoded.num_label_tokens - len(prefix) > 0
