@@ -14,6 +14,8 @@ training_summary.json, train_log.jsonl, loss_curve.png, TensorBoard runs/ and ch
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments, set_seed
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from lora_summarization import data, modeling
 from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
@@ -32,6 +35,7 @@ from lora_summarization.training import (
     encode_records,
     latest_checkpoint,
     optimizer_steps_per_epoch,
+    out_of_memory_reported,
     plot_loss_curve,
 )
 
@@ -65,6 +69,10 @@ class TrainConfig:
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps"})
     save_total_limit: int = field(default=3, metadata={"help": "checkpoints kept"})
     logging_steps: int = field(default=10, metadata={"help": "log the train loss every N optimizer steps"})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "comma-separated logging integrations (tensorboard, wandb, mlflow, ...), or none"},
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output-dir"})
     dry_run: bool = field(default=False, metadata={"help": "print the plan and exit without training"})
     seed: int = field(default=42, metadata={"help": "seed for LoRA init, data order and dropout"})
@@ -78,6 +86,12 @@ def validate(config: TrainConfig, world_size: int) -> None:
         problems.append("--batch-size and --grad-accum must be at least 1")
     elif config.grad_accum % world_size:
         problems.append(f"--grad-accum {config.grad_accum} must be divisible by the {world_size} processes")
+    if gpus := modeling.several_gpus_without_torchrun():
+        problems.append(
+            f"{gpus} GPUs are visible to one process, which would multiply the micro-batch by {gpus} (DataParallel); "
+            f"use torchrun --nproc_per_node {gpus} train.py, or CUDA_VISIBLE_DEVICES=0 python train.py for one GPU"
+        )
+    problems += report_to_problems(config.report_to)
     if config.precision not in modeling.PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(modeling.PRECISIONS)}")
     if config.epochs <= 0 and config.max_steps <= 0:
@@ -159,6 +173,7 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         logging_steps=config.logging_steps,
+        report_to=[name for name in integrations(config.report_to) if name != "tensorboard"] or "none",
         ddp_find_unused_parameters=False,
         seed=config.seed,
     )
@@ -203,14 +218,73 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: 
     print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")
 
 
-def report_divergence(config: TrainConfig, step: int) -> int:
+def integrations(report_to: str) -> list[str]:
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    return [] if names == ["none"] else names
+
+
+def report_to_problems(report_to: str) -> list[str]:
+    """Unknown or uninstalled logging integrations, found before any model loads."""
+    available = get_available_reporting_integrations()
+    problems = []
+    for name in integrations(report_to):
+        if name not in INTEGRATION_TO_CALLBACK:
+            problems.append(f"--report-to {name} is unknown; choose from none, {', '.join(INTEGRATION_TO_CALLBACK)}")
+        elif name not in available:
+            problems.append(f"--report-to {name} needs its package installed (pip install {name})")
+    return problems
+
+
+def resume_command(world_size: int) -> str:
+    """The command that continues this run: its own flags plus --resume."""
+    launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}"
+    flags = [arg for arg in sys.argv[1:] if arg != "--resume"]
+    return " ".join([launcher, "train.py", *map(shlex.quote, flags), "--resume"])
+
+
+def report_stop_by_signal(guard, world_size: int) -> None:
+    name = signal.Signals(guard.signal_number).name
+    print(
+        f"{name}: stopped at optimizer step {guard.signal_step}; checkpoint saved; "
+        f"continue with: {resume_command(world_size)}",
+        file=sys.stderr,
+    )
+
+
+def memory_remedies(config: TrainConfig) -> list[str]:
+    """What to try after an out-of-memory, in order, leaving out what the run already does."""
+    remedies = [] if config.gradient_checkpointing else ["--gradient-checkpointing"]
+    if config.precision != "bf16" and modeling.bf16_supported():
+        remedies.append("--precision bf16")
+    if config.batch_size > 1:
+        smaller = config.batch_size // 2 if config.batch_size % 2 == 0 else 1
+        remedies.append(f"--batch-size {smaller} --grad-accum {config.grad_accum * config.batch_size // smaller}")
+    return remedies
+
+
+def report_divergence(config: TrainConfig, step: int) -> None:
     checkpoints = Path(config.output_dir) / "checkpoints"
     print(
         f"error: the loss became NaN or infinite at optimizer step {step}; training stopped and the last good "
         f"checkpoint (if any) is in {checkpoints}. Lower --learning-rate or use --precision fp32.",
         file=sys.stderr,
     )
-    return EXIT_CHECK_FAILED
+
+
+def early_stop_exit_code(config: TrainConfig, trainer, guard, world_size: int) -> int | None:
+    """The exit code of a run that stopped before its last step (NaN loss, SIGTERM/SIGINT); None if it finished.
+
+    Every process stops at the same step; rank 0 says why.
+    """
+    if guard.non_finite_step is not None:
+        if trainer.is_world_process_zero():
+            report_divergence(config, guard.non_finite_step)
+        return EXIT_CHECK_FAILED
+    if guard.signal_number is None:
+        return None
+    if trainer.is_world_process_zero():
+        report_stop_by_signal(guard, world_size)
+    return 128 + guard.signal_number
 
 
 def main(config: TrainConfig) -> int:
@@ -225,12 +299,15 @@ def main(config: TrainConfig) -> int:
     if config.dry_run:
         return 0
     modeling.resolve_device()
-    args = training_arguments(config, Path(config.output_dir) / "checkpoints", world_size)
-    trainer, guard = build_trainer(model, tokenizer, train, validation, args, Path(config.output_dir))
+    checkpoint_dir = Path(config.output_dir) / "checkpoints"
+    args = training_arguments(config, checkpoint_dir, world_size)
+    tensorboard = "tensorboard" in integrations(config.report_to)
+    trainer, guard = build_trainer(model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if guard.bad_step is not None:
-        return report_divergence(config, guard.bad_step)
+    with guard.signals_caught(), out_of_memory_reported("train.py", trainer, memory_remedies(config), checkpoint_dir):
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if (exit_code := early_stop_exit_code(config, trainer, guard, world_size)) is not None:
+        return exit_code
     this_run = {
         "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
         "runtime_seconds": round(time.perf_counter() - started, 1),

@@ -18,6 +18,10 @@ class UsageError(Exception):
     """Bad input or setup: the stage exits with code 2 and this one-line message."""
 
 
+class StageFailed(Exception):
+    """The run could not finish (out of memory, ...): the stage exits with code 1 and this one-line message."""
+
+
 def parse_config(config_class, argv: list[str] | None = None):
     """Fill `config_class` from the command line; every field is a `--flag` (dashes or underscores).
 
@@ -31,15 +35,15 @@ def parse_config(config_class, argv: list[str] | None = None):
 
 
 def run_stage(main: Callable, config_class, argv: list[str] | None = None) -> int:
-    """Parse the config, run `main(config)` and turn a UsageError into one line on stderr and exit 2."""
+    """Parse the config, run `main(config)`; a UsageError or StageFailed becomes one line on stderr, exit 2 or 1."""
     config = parse_config(config_class, argv)
     try:
         return main(config) or EXIT_OK
-    except UsageError as error:
+    except (UsageError, StageFailed) as error:
         if getattr(config, "debug", False):
             traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_CHECK_FAILED
 
 
 def config_as_dict(config) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,28 @@ def _from_pretrained(loader: Callable, name: str, what: str, **kwargs):
             f"cannot load the {what} '{name}' from the Hugging Face Hub (unreachable or unknown id); "
             "pass --model with a local copy of the model folder"
         ) from error
+
+
+def several_gpus_without_torchrun() -> int:
+    """How many GPUs the HF Trainer of a single (non-distributed) process would wrap in DataParallel, multiplying
+    the micro-batch by their number; 0 when it would use one device."""
+    if "WORLD_SIZE" in os.environ or not torch.cuda.is_available():
+        return 0
+    count = torch.cuda.device_count()
+    return count if count > 1 else 0
+
+
+def pin_one_gpu_unless_distributed() -> None:
+    """Make a single-process run use its first visible GPU (before CUDA initialises), instead of DataParallel."""
+    if count := several_gpus_without_torchrun():
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        print(f"{count} GPUs visible; this single process uses one of them (CUDA_VISIBLE_DEVICES={first})")
+        os.environ["CUDA_VISIBLE_DEVICES"] = first
+
+
+def bf16_supported() -> bool:
+    """bf16 runs on every CPU (autocast) and on Ampere or newer GPUs."""
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
 
 
 def resolve_device() -> torch.device:

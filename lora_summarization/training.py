@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
+from .cli import StageFailed
 from .prompts import IGNORE_INDEX, EncodedExample, encode_example
 
 CHECKPOINT_STAGING = ".incomplete"
+LENGTH_GROUP_STEPS = 50  # optimizer steps' worth of examples sorted by length together
 
 
 def encode_records(tokenizer, records: list[dict], max_length: int, system_prompt: str | None) -> list[EncodedExample]:
@@ -120,16 +125,41 @@ def model_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return outputs.hidden_states[-1]
 
 
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """Length-grouped shuffling whose order depends only on (seed, epoch): a resumed run sees the same batches."""
+class LengthGroupedEpochSampler(Sampler[int]):
+    """Micro-batches of similar length, in an order that depends only on (seed, epoch): a resumed run sees the same.
 
-    def __init__(self, group_size: int, lengths: list[int], seed: int):
-        super().__init__(group_size, lengths=lengths, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
+    Each epoch is shuffled and cut into groups of `group_size` examples; each group is sorted by length and cut
+    into micro-batches, whose order within the group is shuffled again, so the loss does not sweep from long to
+    short examples every group. The epoch's longest micro-batch goes first, so an out-of-memory shows at once.
+    """
+
+    def __init__(self, lengths: Sequence[int], micro_batch_size: int, group_size: int, seed: int):
+        self.lengths, self.micro_batch_size, self.seed = list(lengths), micro_batch_size, seed
+        self.group_size = max(micro_batch_size, group_size - group_size % micro_batch_size)
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed + epoch)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def micro_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.group_size):
+            group = sorted(order[start : start + self.group_size], key=lambda index: -self.lengths[index])
+            group_batches = [group[i : i + self.micro_batch_size] for i in range(0, len(group), self.micro_batch_size)]
+            batches += [group_batches[i] for i in torch.randperm(len(group_batches), generator=generator).tolist()]
+        # Only a full micro-batch may move to the front, so the batch boundaries stay where the dataloader cuts.
+        full = [i for i, batch in enumerate(batches) if len(batch) == self.micro_batch_size] or [0]
+        longest = max(full, key=lambda i: max(self.lengths[index] for index in batches[i]))
+        batches.insert(0, batches.pop(longest))
+        return batches
+
+    def __iter__(self):
+        return iter([index for batch in self.micro_batches() for index in batch])
 
 
 class SummaryTrainer(Trainer):
@@ -137,17 +167,25 @@ class SummaryTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, validation_examples: list[EncodedExample] = (), **kwargs):
         super().__init__(*args, **kwargs)
+        self.validation_examples = list(validation_examples)
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
         self.loss_is_finite = torch.ones((), dtype=torch.bool, device=self.args.device)
+        self.batch_shape: tuple[int, ...] | None = None  # of the micro-batch in progress, for out-of-memory reports
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        group_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return EpochSeededLengthGroupedSampler(group_size, [len(f["input_ids"]) for f in dataset], self.args.seed)
+        step_size = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedEpochSampler(
+            [len(f["input_ids"]) for f in dataset],
+            self.args.per_device_train_batch_size,
+            group_size=LENGTH_GROUP_STEPS * step_size,
+            seed=self.args.seed,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.batch_shape = tuple(inputs["input_ids"].shape)
         token_losses = response_token_losses(
             model_hidden_states(model, inputs),
             inputs["labels"],
@@ -162,6 +200,31 @@ class SummaryTrainer(Trainer):
             self.tokens_seen += inputs["attention_mask"].sum()
             self.loss_is_finite &= torch.isfinite(loss.detach())
         return (loss, {}) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Response and content loss as token-weighted means over the validation examples, as evaluate.py computes.
+
+        Each process scores every n-th example and the sums are added across processes.
+        """
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        examples = self.validation_examples[rank::processes]
+        self.model.eval()
+        with self.accelerator.autocast():
+            sums = example_loss_sums(
+                self.model, examples, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
+            )
+        counts = [sum(ex.num_label_tokens for ex in examples), sum(ex.num_content_tokens for ex in examples)]
+        totals = torch.tensor([*sums.sum(dim=1).tolist(), *counts], dtype=torch.float64, device=self.args.device)
+        if processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        response_sum, content_sum, response_tokens, content_tokens = totals.tolist()
+        metrics = {
+            f"{metric_key_prefix}_loss": response_sum / response_tokens,
+            f"{metric_key_prefix}_content_loss": content_sum / content_tokens,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _save_checkpoint(self, model, trial):
         """Write each checkpoint into a staging folder and rename it when complete."""
@@ -197,19 +260,58 @@ def optimizer_steps_per_epoch(num_examples: int, batch_size: int, grad_accum: in
     return max(batches_per_rank // grad_accum + int(batches_per_rank % grad_accum > 0), 1)
 
 
-class NonFiniteLossGuard(TrainerCallback):
-    """Stops training at the first optimizer step whose loss is NaN or infinite, before anything is saved."""
+class StepBoundaryStop(TrainerCallback):
+    """Ends training at an optimizer-step boundary that every process agrees on, for one of two reasons.
+
+    - A NaN or infinite loss: stop before anything is saved (`non_finite_step`).
+    - SIGTERM or SIGINT (a preempted spot machine, Ctrl-C): finish the step, save a checkpoint, stop
+      (`signal_number`, `signal_step`). A second signal exits at once; the last complete checkpoint stays.
+
+    The processes combine their flags at each step boundary (one small all-reduce), so under DDP they all stop
+    at the same step, whichever of them saw the NaN or the signal.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, trainer: SummaryTrainer):
         self.trainer = trainer
-        self.bad_step: int | None = None
+        self.received = 0
+        self.non_finite_step: int | None = None
+        self.signal_number: int | None = None
+        self.signal_step: int | None = None
+
+    @contextlib.contextmanager
+    def signals_caught(self):
+        previous = {number: signal.signal(number, self._on_signal) for number in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _on_signal(self, number, frame):
+        if self.received:
+            os._exit(128 + number)
+        self.received = number
+
+    def agreed_flags(self) -> tuple[bool, int]:
+        """(any process saw a non-finite loss, the largest signal number any process received)."""
+        is_finite = self.trainer.loss_is_finite
+        flags = torch.stack([(~is_finite).long(), torch.tensor(self.received, device=is_finite.device)])
+        if self.trainer.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        non_finite, received = flags.tolist()
+        return bool(non_finite), received
 
     def on_step_end(self, args, state, control, **kwargs):
-        # One device sync per optimizer step (not per micro-batch).
-        if not bool(self.trainer.loss_is_finite):
-            self.bad_step = state.global_step
+        non_finite, received = self.agreed_flags()  # one device sync per optimizer step, not per micro-batch
+        if non_finite:
+            self.non_finite_step = state.global_step
             control.should_save = control.should_evaluate = control.should_log = False
             control.should_training_stop = True
+        elif received:
+            self.signal_number, self.signal_step = received, state.global_step
+            control.should_save = control.should_training_stop = True
         return control
 
 
@@ -235,7 +337,7 @@ class LossProgressCallback(ProgressCallback):
                 self.training_bar.set_postfix(shown, refresh=False)
 
 
-def core_training_arguments(**settings) -> TrainingArguments:
+def core_training_arguments(report_to: str | list[str] = "none", **settings) -> TrainingArguments:
     """TrainingArguments with what the training core relies on; each stage adds its hyperparameters."""
     cuda = torch.cuda.is_available()
     return TrainingArguments(
@@ -243,7 +345,7 @@ def core_training_arguments(**settings) -> TrainingArguments:
         logging_nan_inf_filter=False,  # the NaN guard must see non-finite losses, not have them filtered
         prediction_loss_only=True,
         remove_unused_columns=False,  # features are token lists for the collator, not model kwargs
-        report_to="none",  # build_trainer attaches TensorBoard itself, to a folder of our choosing
+        report_to=report_to,  # never "tensorboard": build_trainer attaches it itself, to a folder of our choosing
         use_cpu=not cuda,  # without it, torchrun on a CPU host trains each rank alone instead of DDP over gloo
         dataloader_pin_memory=cuda,
         accelerator_config={"non_blocking": cuda},
@@ -252,24 +354,51 @@ def core_training_arguments(**settings) -> TrainingArguments:
 
 
 def build_trainer(
-    model, tokenizer, train, validation, args, log_dir: Path
-) -> tuple[SummaryTrainer, NonFiniteLossGuard]:
-    """The trainer with the project's callbacks: loss bar, JSONL and TensorBoard logs, NaN guard."""
+    model, tokenizer, train, validation, args, log_dir: Path, tensorboard: bool = True
+) -> tuple[SummaryTrainer, StepBoundaryStop]:
+    """The trainer with the project's callbacks: loss bar, JSONL and TensorBoard logs, NaN and signal stops.
+
+    TensorBoard is attached here rather than through `report_to`, so that its events go to `log_dir/runs`.
+    """
     trainer = SummaryTrainer(
         model=model,
         args=args,
         train_dataset=as_features(train),
         eval_dataset=as_features(validation),
+        validation_examples=validation,
         data_collator=ResponseCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    guard = NonFiniteLossGuard(trainer)
+    guard = StepBoundaryStop(trainer)
     trainer.remove_callback(ProgressCallback)
     for callback in (LossProgressCallback(), JsonlLogger(log_dir / "train_log.jsonl"), guard):
         trainer.add_callback(callback)
-    if trainer.is_world_process_zero():
+    if tensorboard and trainer.is_world_process_zero():
         trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(log_dir / "runs"))))
     return trainer, guard
+
+
+def close_progress_bar(trainer: Trainer) -> None:
+    """End the training bar's line, so that a message printed after a failure starts on a line of its own."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+
+
+@contextlib.contextmanager
+def out_of_memory_reported(stage: str, trainer: SummaryTrainer, remedies: list[str], checkpoint_dir: Path | None):
+    """Turn a CUDA out-of-memory into one line: where it happened, on what batch, and what to try, in order."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        close_progress_bar(trainer)
+        examples, tokens = trainer.batch_shape or (0, 0)
+        checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        kept = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+        raise StageFailed(
+            f"out of GPU memory in {stage} at optimizer step {trainer.state.global_step + 1} on a micro-batch of "
+            f"{examples} examples x {tokens} tokens; try, in this order: {'; '.join(remedies)}; {kept}"
+        ) from error
 
 
 def plot_loss_curve(log_history: list[dict], path: Path) -> None:

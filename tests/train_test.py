@@ -1,6 +1,8 @@
 import json
+import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -83,32 +85,72 @@ def test_dry_run_on_the_real_qwen_config_counts_the_published_parameters(data_di
     assert "trainable parameters: 2,179,072 of 1,543,714,304 (0.14%)" in result.stdout
 
 
-def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_model_dir, data_dir, tmp_path):
-    schedule = ("--max-steps", "24", "--save-steps", "4", "--eval-steps", "1000", *TINY_TRAINING_FLAGS)
-    uninterrupted = run_script("train.py", *train_args(tiny_model_dir, data_dir, tmp_path / "a", *schedule))
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+RESUME_SCHEDULE = ("--max-steps", "24", "--save-steps", "4", "--eval-steps", "1000", "--logging-steps", "1")
 
-    interrupted_dir = tmp_path / "b"
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *train_args(tiny_model_dir, data_dir, interrupted_dir, *schedule),
-    ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while training.latest_checkpoint(interrupted_dir / "checkpoints") is None and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
-    assert not (interrupted_dir / "adapter_model.safetensors").exists()
 
-    resumed = run_script("train.py", *train_args(tiny_model_dir, data_dir, interrupted_dir, *schedule, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout
-    expected, actual = adapter_weights(tmp_path / "a"), adapter_weights(interrupted_dir)
+def assert_same_adapter(expected_dir, actual_dir):
+    expected, actual = adapter_weights(expected_dir), adapter_weights(actual_dir)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.allclose(expected[name], actual[name], atol=1e-6), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_dir(tiny_model_dir, data_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_script(
+        "train.py", *train_args(tiny_model_dir, data_dir, output_dir, *RESUME_SCHEDULE, *TINY_TRAINING_FLAGS)
+    )
+    assert result.returncode == 0, result.stderr
+    return output_dir
+
+
+def logged_steps(output_dir) -> int:
+    log = output_dir / "train_log.jsonl"
+    return sum('"loss"' in line for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+def interrupt(command: list[str], output_dir, number: int, ready) -> subprocess.CompletedProcess:
+    """Start `command`, send signal `number` once `ready(output_dir)` holds, and collect its output."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not ready(output_dir) and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(number)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+STOP_LINE = re.compile(r"stopped at optimizer step (\d+); checkpoint saved; continue with: (.*)")
+
+
+@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda n: n.name)
+def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(
+    tiny_model_dir, data_dir, tmp_path, uninterrupted_dir, number
+):
+    output_dir = tmp_path / "interrupted"
+    flags = train_args(tiny_model_dir, data_dir, output_dir, *RESUME_SCHEDULE, *TINY_TRAINING_FLAGS)
+    if number == signal.SIGKILL:
+        ready = lambda folder: training.latest_checkpoint(folder / "checkpoints") is not None  # noqa: E731
+    else:
+        ready = lambda folder: logged_steps(folder) >= 2  # noqa: E731
+    stopped = interrupt([sys.executable, str(ROOT / "train.py"), *flags], output_dir, number, ready)
+    assert not (output_dir / "adapter_model.safetensors").exists()
+    if number == signal.SIGKILL:
+        assert stopped.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+        resume_flags = [*flags, "--resume"]
+    else:
+        assert stopped.returncode == 128 + number, stopped.stderr[-3000:]
+        assert "Traceback" not in stopped.stderr
+        step, command = STOP_LINE.search(stopped.stderr.strip().splitlines()[-1]).groups()
+        assert training.latest_checkpoint(output_dir / "checkpoints").endswith(f"checkpoint-{step}")
+        assert int(step) < 24
+        launcher, script, *resume_flags = shlex.split(command)
+        assert (launcher, script, resume_flags) == ("python", "train.py", [*flags, "--resume"])
+
+    resumed = run_script("train.py", *resume_flags)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert_same_adapter(uninterrupted_dir, output_dir)
 
 
 def free_port() -> int:
@@ -117,24 +159,71 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_with_two_cpu_processes_writes_one_adapter(tiny_model_dir, data_dir, tmp_path):
-    output_dir = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-        + [str(ROOT / "train.py"), *train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "4", *FAST)],
+DDP_SCHEDULE = ("--max-steps", "12", "--eval-steps", "1000", "--save-steps", "1000", "--logging-steps", "1")
+
+
+def torchrun_command(*script_and_args) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    return [*launcher, str(free_port()), *map(str, script_and_args)]
+
+
+def run_torchrun(*script_and_args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        torchrun_command(*script_and_args),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})},
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_dir(tiny_model_dir, data_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("ddp")
+    result = run_torchrun(ROOT / "train.py", *train_args(tiny_model_dir, data_dir, output_dir, *DDP_SCHEDULE))
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((output_dir / "training_summary.json").read_text())
-    assert summary["processes"] == 2 and summary["optimizer_steps"] == 4
-    assert len(list(output_dir.glob("adapter_model.safetensors"))) == 1
-    log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3, 4]  # written once, by rank 0
+    return output_dir
+
+
+def test_torchrun_with_two_cpu_processes_writes_one_adapter(ddp_dir):
+    summary = json.loads((ddp_dir / "training_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["optimizer_steps"] == 12
+    assert len(list(ddp_dir.glob("adapter_model.safetensors"))) == 1
+    log = [json.loads(line) for line in (ddp_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "loss" in entry] == list(range(1, 13))  # written once, by rank 0
     assert log[0]["epoch"] == 8 / 64  # each optimizer step consumed 8 examples across the two processes
+
+
+def test_sigterm_under_torchrun_stops_both_processes_at_one_step_and_resumes_exactly(
+    tiny_model_dir, data_dir, tmp_path, ddp_dir
+):
+    output_dir = tmp_path / "ddp_interrupted"
+    flags = train_args(tiny_model_dir, data_dir, output_dir, *DDP_SCHEDULE)
+    command = torchrun_command(ROOT / "train.py", *flags)
+    stopped = interrupt(command, output_dir, signal.SIGTERM, lambda folder: logged_steps(folder) >= 2)
+    step = STOP_LINE.search(stopped.stderr).group(1)
+    assert stopped.stderr.count("stopped at optimizer step") == 1  # rank 0 speaks for both
+    assert training.latest_checkpoint(output_dir / "checkpoints").endswith(f"checkpoint-{step}")
+    assert not (output_dir / "adapter_model.safetensors").exists()
+
+    resumed = run_torchrun(ROOT / "train.py", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_adapter(ddp_dir, output_dir)
+
+
+def test_nan_on_one_process_stops_both_at_the_same_step_without_saving(tiny_model_dir, data_dir, tmp_path):
+    output_dir = tmp_path / "ddp_nan"
+    flags = train_args(tiny_model_dir, data_dir, output_dir, *DDP_SCHEDULE, "--save-steps", "2")
+    injected = {"NAN_ON_RANK": "1", "NAN_FROM_CALL": "9"}  # two micro-batches per step and process: step 5
+    result = run_torchrun(ROOT / "tests" / "fault_injection.py", ROOT / "train.py", *flags, env=injected)
+    assert result.returncode != 0
+    assert "the loss became NaN or infinite at optimizer step 5" in result.stderr
+    checkpoints = sorted(path.name for path in (output_dir / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(output_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (output_dir / "adapter_model.safetensors").exists()
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
@@ -162,6 +251,32 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_out_of_memory_ends_with_one_line_of_advice(tiny_model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_losses = training.response_token_losses
+
+    def losses_running_out_of_memory(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the first micro-batch of optimizer step 3
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_losses(*args)
+
+    monkeypatch.setattr(training, "response_token_losses", losses_running_out_of_memory)
+    train = load_script("train.py")
+    output_dir = tmp_path / "oom"
+    argv = train_args(tiny_model_dir, data_dir, output_dir, *TINY_TRAINING_FLAGS, "--max-steps", "6", *FAST)
+    assert run_stage(train.main, train.TrainConfig, [*argv, "--save-steps", "2"]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    line = error.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: out of GPU memory in train.py at optimizer step 3 on a micro-batch of 4 examples x \d+ tokens; "
+        r"try, in this order: --gradient-checkpointing; --precision bf16; --batch-size 2 --grad-accum 4; "
+        r"the last complete checkpoint is .*checkpoint-2",
+        line,
+    ), line
+
+
 def test_unreachable_hub_exits_2_with_one_line(data_dir, tmp_path):
     result = run_script("train.py", "--model", "Qwen/Qwen2.5-1.5B-Instruct", "--data-dir", data_dir, cwd=tmp_path)
     assert result.returncode == 2
@@ -173,6 +288,8 @@ def test_unreachable_hub_exits_2_with_one_line(data_dir, tmp_path):
     "flags, messages",
     [
         (("--resume",), ["no checkpoint"]),
+        (("--report-to", "tensorboard,nonexistent"), ["--report-to nonexistent is unknown"]),
+        (("--report-to", "wandb"), ["--report-to wandb needs its package installed"]),
         (
             ("--grad-accum", "0", "--precision", "fp8"),
             ["--grad-accum must be at least 1", "--precision must be one of"],
@@ -188,3 +305,42 @@ def test_bad_input_is_reported_as_a_usage_error(tiny_model_dir, data_dir, tmp_pa
     last_line = error.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and all(message in last_line for message in messages)
     assert "Traceback" not in error
+
+
+def test_several_gpus_without_torchrun_are_refused_before_loading(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    train = load_script("train.py")
+    assert run_stage(train.main, train.TrainConfig, train_args(tiny_model_dir, data_dir, tmp_path / "out")) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "4 GPUs are visible to one process" in message
+    assert "torchrun --nproc_per_node 4 train.py" in message and "CUDA_VISIBLE_DEVICES=0" in message
+
+
+def test_bf16_trains_to_a_finite_loadable_adapter_and_report_to_none_writes_no_tensorboard(
+    tiny_model_dir, data_dir, tmp_path
+):
+    output_dir = tmp_path / "bf16"
+    flags = (
+        "--precision",
+        "bf16",
+        "--max-steps",
+        "4",
+        "--eval-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--report-to",
+        "none",
+    )
+    result = run_script("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *flags, *TINY_TRAINING_FLAGS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    losses = [summary[key] for key in ("first_train_loss", "last_train_loss", "last_validation_loss")]
+    assert summary["precision"] == "bf16" and all(math.isfinite(loss) for loss in losses)
+    weights = adapter_weights(output_dir)
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert not (output_dir / "runs").exists()

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lora_summarization import training
+from lora_summarization.evaluation import response_losses
 from lora_summarization.modeling import apply_lora
 from lora_summarization.prompts import encode_example
 from lora_summarization.synthetic import make_examples
@@ -72,9 +72,14 @@ def test_loss_is_normalised_over_the_label_tokens_of_all_micro_batches(lora_mode
     assert not torch.allclose(torch.stack(per_batch_means).mean(), pooled, atol=1e-4)
 
 
+def realistic_lengths(n: int, seed: int = 0) -> list[int]:
+    torch.manual_seed(seed)
+    return torch.distributions.LogNormal(5.2, 0.5).sample((n,)).clamp(60, 600).int().tolist()
+
+
 def test_sampler_order_depends_only_on_seed_and_epoch():
-    lengths = [(i * 37) % 101 for i in range(64)]
-    first, second = (training.EpochSeededLengthGroupedSampler(8, lengths, seed=3) for _ in range(2))
+    lengths = realistic_lengths(64)
+    first, second = (training.LengthGroupedEpochSampler(lengths, 2, group_size=16, seed=3) for _ in range(2))
     list(first)  # the first sampler has already served epoch 0 when both move to epoch 1
     first.set_epoch(1)
     second.set_epoch(1)
@@ -83,7 +88,48 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     assert sorted(epoch_one) == list(range(64))
     second.set_epoch(2)
     assert list(second) != epoch_one
-    assert isinstance(first, LengthGroupedSampler)
+
+
+def step_length_trend(micro_batches: list[list[int]], lengths: list[int], steps_per_group: int, micro_per_step: int):
+    """Mean correlation, over groups, between a step's position in its group and its mean example length."""
+    steps = [sum(micro_batches[i : i + micro_per_step], []) for i in range(0, len(micro_batches), micro_per_step)]
+    step_means = torch.tensor([sum(lengths[i] for i in step) / len(step) for step in steps])
+    groups = step_means[: len(step_means) // steps_per_group * steps_per_group].view(-1, steps_per_group)
+    positions = torch.arange(steps_per_group, dtype=torch.float).expand_as(groups)
+    return torch.stack(
+        [torch.corrcoef(torch.stack([p, g]))[0, 1] for p, g in zip(positions, groups, strict=True)]
+    ).mean()
+
+
+def test_sampler_keeps_micro_batches_similar_in_length_without_a_long_to_short_sweep():
+    lengths = realistic_lengths(4000)
+    micro, accum = 2, 4
+    sampler = training.LengthGroupedEpochSampler(lengths, micro, group_size=50 * micro * accum, seed=42)
+    micro_batches = sampler.micro_batches()
+    assert max(lengths[i] for i in micro_batches[0]) == max(lengths)  # out-of-memory shows at the first step
+    assert all(len(batch) == micro for batch in micro_batches)
+    assert abs(step_length_trend(micro_batches[1:], lengths, 50, accum)) < 0.15
+    # Within a micro-batch lengths stay close: padding is a small share of the tokens.
+    padded = sum(micro * max(lengths[i] for i in batch) for batch in micro_batches)
+    assert sum(lengths) / padded > 0.97
+    # The measure can see a sweep: sorting each group longest first, as before, trends strongly.
+    swept = [sorted(group, key=lambda i: -lengths[i]) for group in torch.tensor(list(sampler)).view(-1, 400).tolist()]
+    swept_batches = [group[i : i + micro] for group in swept for i in range(0, 400, micro)]
+    assert step_length_trend(swept_batches, lengths, 50, accum) < -0.9
+
+
+def test_validation_loss_is_a_token_weighted_mean_like_evaluate(lora_model, tokenizer, tmp_path):
+    summaries = ["Ok.", " ".join(["Tom will bring the cake and Anna the drinks."] * 6), "No.", "Fine.", "Sure it is."]
+    examples = [encode_example(tokenizer, "Tom: hi\nAnna: hello", summary, 512) for summary in summaries]
+    args = training.core_training_arguments(output_dir=str(tmp_path), per_device_eval_batch_size=2)
+    trainer, _ = training.build_trainer(lora_model, tokenizer, examples, examples, args, tmp_path, tensorboard=False)
+    metrics = trainer.evaluate()
+    losses, tokens = response_losses(lora_model, tokenizer, examples, batch_size=3)
+    assert metrics["eval_loss"] == pytest.approx(float((losses * tokens).sum() / tokens.sum()), abs=1e-6)
+    assert metrics["eval_loss"] != pytest.approx(float(losses.mean()), abs=1e-3)  # not a mean of means
+    content = training.example_loss_sums(lora_model, examples, tokenizer.pad_token_id, batch_size=5)[1]
+    content_tokens = sum(example.num_content_tokens for example in examples)
+    assert metrics["eval_content_loss"] == pytest.approx(float(content.sum()) / content_tokens, abs=1e-6)
 
 
 def test_checkpoint_is_never_left_half_written(lora_model, tokenizer, tmp_path, monkeypatch):
