@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .prompts import IGNORE_INDEX, EncodedExample, encode_example
 
@@ -136,6 +136,8 @@ class SummaryTrainer(Trainer):
                     shutil.rmtree(target)
                 checkpoint.rename(target)
             staging_dir.rmdir()
+            # The Trainer's own rotation ran inside the staging folder, where only the newest checkpoint is.
+            rotate_checkpoints(str(final_dir), self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
 
