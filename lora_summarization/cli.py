@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,10 +52,18 @@ def run_stage(main: Callable, config_class, argv: list[str] | None = None) -> in
 
 
 def report_exit(config, line: str, code: int) -> int:
+    close_progress_bars()
     if getattr(config, "debug", False):
         traceback.print_exc()
     print(line, file=sys.stderr)
     return code
+
+
+def close_progress_bars() -> None:
+    """An error raised inside a loop leaves its tqdm bar open; closing it ends the bar's line (tqdm has no public
+    list of open bars)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def config_as_dict(config) -> dict:

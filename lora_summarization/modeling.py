@@ -37,10 +37,25 @@ def resolve_device() -> torch.device:
     return torch.device("cpu")
 
 
+def precision_problem(precision: str) -> str | None:
+    """Why `--precision` cannot be used on this machine, or None; every stage checks it before loading weights."""
+    if precision not in PRECISIONS:
+        return f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
+    # Without emulation: pre-Ampere GPUs emulate bfloat16 far slower than fp32.
+    gpu_lacks_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "bf16" and gpu_lacks_bf16:
+        return (
+            "--precision bf16 needs a GPU with bfloat16 support, which this one lacks; pass --precision fp32 "
+            "(tf32 also needs an Ampere or newer GPU)"
+        )
+    return None
+
+
 def configure_precision(precision: str) -> torch.dtype:
     """Set matmul precision for `precision` and return the dtype to load the base weights in."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    problem = precision_problem(precision)
+    if problem:
+        raise UsageError(problem)
     # tf32 and bf16 both let fp32 matmuls use TF32 tensor cores; fp32 keeps exact fp32 (the published setting).
     torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     torch.backends.cudnn.allow_tf32 = precision != "fp32"
