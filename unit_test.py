@@ -4,7 +4,8 @@ checks that the loss on the held-out 20% falls.
     python unit_test.py                      # exit 0 PASSED, exit 1 FAILED, exit 2 bad input
     python unit_test.py --learning-rate 0    # must report FAILED: proves the check can fail
 
-Writes finetune_100_model/: the adapter (PEFT safetensors) and unit_test_report.json.
+Writes finetune_100_model/: the adapter (PEFT safetensors), unit_test_report.json and its training logs. It is a
+scratch folder: a run first deletes what the previous run wrote there, and holds a lock file while it runs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from transformers import TrainingArguments, set_seed
 
-from lora_summarization import data, modeling
+from lora_summarization import data, modeling, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, config_as_dict, run_stage, write_json
+from lora_summarization.run_lock import output_dir_lock
 from lora_summarization.training import build_trainer, core_training_arguments, encode_records
 
 
@@ -40,6 +42,11 @@ class UnitTestConfig:
     system_prompt: str | None = field(default=None, metadata={"help": "system message; None = template default"})
     seed: int = field(default=42, metadata={"help": "seed for the split, LoRA init, data order and dropout"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks for usage errors"})
+
+
+REPORT_FILE = "unit_test_report.json"
+# What a run writes (PEFT adds a README.md), removed first so logs are not appended to the last run's.
+OWN_OUTPUTS = (*run_folder.RUN_OUTPUTS, "README.md", REPORT_FILE)
 
 
 def split_records(records: list[dict], held_out_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -73,6 +80,12 @@ def verdict(loss_before: float, loss_after: float, min_improvement: float) -> tu
 
 
 def main(config: UnitTestConfig) -> int:
+    with output_dir_lock(config.output_dir, "unit_test.py"):
+        run_folder.remove_entries(config.output_dir, OWN_OUTPUTS)
+        return smoke_test(config)
+
+
+def smoke_test(config: UnitTestConfig) -> int:
     started = time.perf_counter()
     records = data.read_records(Path(config.data_dir) / data.UNIT_TEST_FILE)
     train_records, held_out_records = split_records(records, config.held_out_fraction, config.seed)
@@ -104,7 +117,7 @@ def main(config: UnitTestConfig) -> int:
         "runtime_seconds": round(time.perf_counter() - started, 1),
         "settings": config_as_dict(config),
     }
-    write_json(output_dir / "unit_test_report.json", report)
+    write_json(output_dir / REPORT_FILE, report)
     change = f"{100 * improvement:+.1f}%, need {100 * config.min_improvement:.0f}%"
     print(f"held-out loss {loss_before:.4f} -> {loss_after:.4f} ({change})")
     print(report["verdict"])

@@ -1,9 +1,12 @@
 """unit_test.py, the pipeline smoke test: it must pass when learning works and fail when it cannot."""
 
 import json
+import os
+import socket
 
 from conftest import load_script, run_script
 
+from lora_summarization import run_lock
 from lora_summarization.cli import run_stage
 
 SMOKE = ("--steps", "30", "--batch-size", "4")
@@ -26,8 +29,24 @@ def test_smoke_test_fails_when_nothing_is_learned(tiny_model_dir, data_dir, tmp_
     unit_test = load_script("unit_test.py")
     output_dir = tmp_path / "finetune_100_model"
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--output-dir", str(output_dir), *SMOKE]
+    output_dir.mkdir()
+    (output_dir / "train_log.jsonl").write_text('{"step": 999, "loss": 1.0}\n')  # a previous run's log
     assert run_stage(unit_test.main, unit_test.UnitTestConfig, [*argv, "--learning-rate", "0"]) == 1
     assert capsys.readouterr().out.strip().endswith("FAILED")
     report = json.loads((output_dir / "unit_test_report.json").read_text())
     assert report["verdict"] == "FAILED"
     assert report["held_out_loss_after"] == report["held_out_loss_before"]
+    log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(entry["step"] <= 30 for entry in log), "the previous run's log was appended to"
+    assert not (output_dir / run_lock.LOCK_FILE).exists()
+
+
+def test_a_folder_in_use_by_a_running_smoke_test_is_refused(tiny_model_dir, data_dir, tmp_path, capsys):
+    unit_test = load_script("unit_test.py")
+    output_dir = tmp_path / "finetune_100_model"
+    output_dir.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "script": "unit_test.py"}
+    (output_dir / run_lock.LOCK_FILE).write_text(json.dumps(holder))
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--output-dir", str(output_dir)]
+    assert run_stage(unit_test.main, unit_test.UnitTestConfig, argv) == 2
+    assert f"is used by a running unit_test.py (PID {os.getpid()} on host" in capsys.readouterr().err
