@@ -4,20 +4,24 @@
     python train.py --precision bf16 --batch-size 8 --grad-accum 1
     python train.py --dry-run                        # print the plan; works without model weights
     python train.py --resume                         # continue from the latest checkpoint
+    python train.py --overwrite-output-dir           # start afresh, deleting the previous run's outputs
     torchrun --nproc_per_node 2 train.py             # DDP; the effective batch stays batch x accumulation
 
 Edit the defaults in TrainConfig below, or override any field on the command line (--learning-rate 1e-4).
 Writes fine_tuned_model/: the adapter (PEFT safetensors), tokenizer, a model card (README.md),
-training_summary.json, train_log.jsonl, loss_curve.png, TensorBoard runs/ and checkpoints/.
+training_summary.json, train_log.jsonl, loss_curve.png, TensorBoard runs/ and checkpoints/. One run at a time
+per folder (a lock file), and a folder holding a previous run needs --resume or --overwrite-output-dir.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +29,13 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
-from lora_summarization import data, modeling
+from lora_summarization import data, modeling, resume_guard, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
+from lora_summarization.disk_space import DiskFull, folder_size, is_disk_full
 from lora_summarization.model_card import write_model_card
+from lora_summarization.run_lock import is_main_process, output_dir_lock
 from lora_summarization.training import (
+    RESUME_AFTER_FREEING_SPACE,
     build_trainer,
     clear_incomplete_checkpoints,
     core_training_arguments,
@@ -74,6 +81,12 @@ class TrainConfig:
         metadata={"help": "comma-separated logging integrations (tensorboard, wandb, mlflow, ...), or none"},
     )
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output-dir"})
+    resume_anyway: bool = field(
+        default=False, metadata={"help": "with --resume: continue even if settings or data changed"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "delete everything in output-dir first (a previous run's adapter and logs)"}
+    )
     dry_run: bool = field(default=False, metadata={"help": "print the plan and exit without training"})
     seed: int = field(default=42, metadata={"help": "seed for LoRA init, data order and dropout"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks for usage errors"})
@@ -92,12 +105,16 @@ def validate(config: TrainConfig, world_size: int) -> None:
             f"use torchrun --nproc_per_node {gpus} train.py, or CUDA_VISIBLE_DEVICES=0 python train.py for one GPU"
         )
     problems += report_to_problems(config.report_to)
-    if config.precision not in modeling.PRECISIONS:
-        problems.append(f"--precision must be one of {', '.join(modeling.PRECISIONS)}")
+    if precision_problem := modeling.precision_problem(config.precision):
+        problems.append(precision_problem)
     if config.epochs <= 0 and config.max_steps <= 0:
         problems.append("--epochs or --max-steps must be positive")
     if config.learning_rate < 0:
         problems.append("--learning-rate must not be negative")
+    if config.resume and config.overwrite_output_dir:
+        problems.append("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: pass one")
+    if config.resume_anyway and not config.resume:
+        problems.append("--resume-anyway only applies with --resume")
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -110,6 +127,34 @@ def load_datasets(config: TrainConfig, tokenizer):
     validation_records = data.read_records(data_dir / data.VALIDATION_FILE)[: config.eval_examples]
     validation = encode_records(tokenizer, validation_records, config.max_length, config.system_prompt)
     return train, validation
+
+
+# What a resumed run must share with its checkpoint; logging, evaluation and save intervals may change.
+RESUME_FIELDS = (
+    "model",
+    "max_length",
+    "batch_size",
+    "grad_accum",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "epochs",
+    "max_steps",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "precision",
+    "seed",
+    "system_prompt",
+)
+
+
+def resume_settings(config: TrainConfig, world_size: int) -> dict:
+    data_files = [Path(config.data_dir) / name for name in (data.TRAIN_FILE, data.VALIDATION_FILE)]
+    return resume_guard.resume_settings(config, RESUME_FIELDS, world_size, data_files)
 
 
 def build_model(config: TrainConfig, weights: bool):
@@ -179,6 +224,28 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
     )
 
 
+def refuse_or_clear_previous_run(config: TrainConfig) -> None:
+    """A fresh run must not continue or append to an old one: refuse its folder, or clear it when asked."""
+    output_dir = Path(config.output_dir)
+    found = run_folder.previous_run_outputs(output_dir)
+    if config.resume or not found:
+        return
+    if not config.overwrite_output_dir:
+        raise UsageError(
+            f"--output-dir {output_dir} holds a previous run ({', '.join(found)}); "
+            "pass --resume to continue it or --overwrite-output-dir to delete it first"
+        )
+    print(f"--overwrite-output-dir: deleting the previous run in {output_dir}")
+    run_folder.clear_folder(output_dir)
+
+
+def prepare_output_dir(config: TrainConfig) -> str | None:
+    """Called under the lock, so a folder that a live run uses is never cleared; returns the checkpoint to resume."""
+    if is_main_process():
+        refuse_or_clear_previous_run(config)
+    return resume_checkpoint(config)
+
+
 def resume_checkpoint(config: TrainConfig) -> str | None:
     checkpoint_dir = Path(config.output_dir) / "checkpoints"
     clear_incomplete_checkpoints(checkpoint_dir)
@@ -196,12 +263,33 @@ def losses(log_history: list[dict], key: str) -> list[float]:
 
 
 def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
-    """Adapter, tokenizer, loss curve and training_summary.json; `this_run` counts since a resume."""
+    """Adapter, tokenizer, model card, loss curve and training_summary.json, written to a staging folder and
+    moved into --output-dir only when all are complete; `this_run` counts since a resume."""
     output_dir = Path(config.output_dir)
-    trainer.model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    staging = run_folder.fresh_staging_folder(output_dir)
+    try:
+        write_final_outputs(staging, config, trainer, tokenizer, plan, this_run)
+        run_folder.publish_staged(staging, output_dir)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise final_save_disk_full(output_dir, staging) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")
+
+
+def final_save_disk_full(output_dir: Path, staging: Path) -> DiskFull:
+    latest = latest_checkpoint(output_dir / "checkpoints")
+    adapter = folder_size(Path(latest) / modeling.ADAPTER_WEIGHTS_FILE) if latest else 0
+    return DiskFull(output_dir, "the adapter", max(folder_size(staging), adapter), RESUME_AFTER_FREEING_SPACE)
+
+
+def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
+    trainer.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     history = trainer.state.log_history
-    plot_loss_curve(history, output_dir / "loss_curve.png")
+    plot_loss_curve(history, folder / "loss_curve.png")
     train_losses, eval_losses = losses(history, "loss"), losses(history, "eval_loss")
     summary = {
         **plan,
@@ -213,9 +301,9 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: 
         "last_validation_loss": eval_losses[-1] if eval_losses else None,
         "settings": config_as_dict(config),
     }
-    write_json(output_dir / "training_summary.json", summary)
-    write_model_card(output_dir, summary)  # after save_pretrained, which writes PEFT's own README.md
-    print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")
+    write_json(folder / "training_summary.json", summary)
+    # After save_pretrained, which writes PEFT's own README.md; the card names --output-dir, not the staging folder.
+    write_model_card(config.output_dir, summary, staging_dir=folder)
 
 
 def integrations(report_to: str) -> list[str]:
@@ -238,7 +326,8 @@ def report_to_problems(report_to: str) -> list[str]:
 def resume_command(world_size: int) -> str:
     """The command that continues this run: its own flags plus --resume."""
     launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}"
-    flags = [arg for arg in sys.argv[1:] if arg != "--resume"]
+    starting_afresh = ("--resume", "--overwrite-output-dir", "--overwrite_output_dir")
+    flags = [arg for arg in sys.argv[1:] if arg not in starting_afresh]
     return " ".join([launcher, "train.py", *map(shlex.quote, flags), "--resume"])
 
 
@@ -290,9 +379,16 @@ def early_stop_exit_code(config: TrainConfig, trainer, guard, world_size: int) -
 def main(config: TrainConfig) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(config, world_size)
-    checkpoint = None if config.dry_run else resume_checkpoint(config)
+    with nullcontext() if config.dry_run else output_dir_lock(config.output_dir, "train.py"):
+        return plan_and_train(config, world_size)
+
+
+def plan_and_train(config: TrainConfig, world_size: int) -> int:
+    checkpoint = None if config.dry_run else prepare_output_dir(config)
     tokenizer = modeling.load_tokenizer(config.model)
     train, validation = load_datasets(config, tokenizer)
+    settings = resume_settings(config, world_size)
+    overrides = resume_guard.check_resume(checkpoint, settings, config.resume_anyway) if checkpoint else []
     model = build_model(config, weights=not config.dry_run)
     plan = training_plan(config, train, model, world_size)
     print_plan(plan)
@@ -303,6 +399,7 @@ def main(config: TrainConfig) -> int:
     args = training_arguments(config, checkpoint_dir, world_size)
     tensorboard = "tensorboard" in integrations(config.report_to)
     trainer, guard = build_trainer(model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard)
+    trainer.checkpoint_json[resume_guard.SETTINGS_FILE] = settings
     started = time.perf_counter()
     with guard.signals_caught(), out_of_memory_reported("train.py", trainer, memory_remedies(config), checkpoint_dir):
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -312,6 +409,7 @@ def main(config: TrainConfig) -> int:
         "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
         "runtime_seconds": round(time.perf_counter() - started, 1),
         "resumed_from": checkpoint,
+        "resume_overrides": overrides,
     }
     if trainer.is_world_process_zero():
         save_outputs(config, trainer, tokenizer, plan, this_run)

@@ -4,7 +4,8 @@ checks that the content loss (summary text and end token, without the `Summary:`
     python unit_test.py                      # exit 0 PASSED, exit 1 FAILED, exit 2 bad input
     python unit_test.py --learning-rate 0    # must report FAILED: proves the check can fail
 
-Writes finetune_100_model/: the adapter (PEFT safetensors) and unit_test_report.json.
+Writes finetune_100_model/: the adapter (PEFT safetensors), unit_test_report.json and its training logs. It is a
+scratch folder: a run first deletes what the previous run wrote there, and holds a lock file while it runs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from transformers import TrainingArguments, set_seed
 
-from lora_summarization import data, modeling
+from lora_summarization import data, modeling, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, config_as_dict, run_stage, write_json
+from lora_summarization.run_lock import output_dir_lock
 from lora_summarization.training import (
     build_trainer,
     core_training_arguments,
@@ -45,6 +47,11 @@ class UnitTestConfig:
     system_prompt: str | None = field(default=None, metadata={"help": "system message; None = template default"})
     seed: int = field(default=42, metadata={"help": "seed for the split, LoRA init, data order and dropout"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks for usage errors"})
+
+
+REPORT_FILE = "unit_test_report.json"
+# What a run writes (PEFT adds a README.md), removed first so logs are not appended to the last run's.
+OWN_OUTPUTS = (*run_folder.RUN_OUTPUTS, "README.md", REPORT_FILE)
 
 
 def split_records(records: list[dict], held_out_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -88,13 +95,38 @@ def held_out_losses(trainer) -> tuple[float, float]:
 
 
 def main(config: UnitTestConfig) -> int:
-    started = time.perf_counter()
     modeling.pin_one_gpu_unless_distributed()
+    with output_dir_lock(config.output_dir, "unit_test.py"):
+        run_folder.remove_entries(config.output_dir, OWN_OUTPUTS)
+        return smoke_test(config)
+
+
+def load_examples(config: UnitTestConfig, tokenizer):
     records = data.read_records(Path(config.data_dir) / data.UNIT_TEST_FILE)
     train_records, held_out_records = split_records(records, config.held_out_fraction, config.seed)
-    tokenizer = modeling.load_tokenizer(config.model)
     train = encode_records(tokenizer, train_records, config.max_length, config.system_prompt)
     held_out = encode_records(tokenizer, held_out_records, config.max_length, config.system_prompt)
+    return train, held_out
+
+
+def train_and_measure(config: UnitTestConfig, trainer) -> dict:
+    """The held-out losses before and after training."""
+    with out_of_memory_reported("unit_test.py", trainer, memory_remedies(config), checkpoint_dir=None):
+        content_before, response_before = held_out_losses(trainer)
+        trainer.train()
+        content_after, response_after = held_out_losses(trainer)
+    return {
+        "held_out_content_loss_before": content_before,
+        "held_out_content_loss_after": content_after,
+        "held_out_response_loss_before": response_before,
+        "held_out_response_loss_after": response_after,
+    }
+
+
+def smoke_test(config: UnitTestConfig) -> int:
+    started = time.perf_counter()
+    tokenizer = modeling.load_tokenizer(config.model)
+    train, held_out = load_examples(config, tokenizer)
     base = modeling.load_base_model(config.model, modeling.configure_precision(config.precision))
     set_seed(config.seed)
     model = modeling.apply_lora(base)
@@ -102,20 +134,14 @@ def main(config: UnitTestConfig) -> int:
 
     output_dir = Path(config.output_dir)
     trainer, _ = build_trainer(model, tokenizer, train, held_out, training_arguments(config), output_dir)
-    with out_of_memory_reported("unit_test.py", trainer, memory_remedies(config), checkpoint_dir=None):
-        loss_before, response_loss_before = held_out_losses(trainer)
-        trainer.train()
-        loss_after, response_loss_after = held_out_losses(trainer)
-    passed, improvement = verdict(loss_before, loss_after, config.min_improvement)
-
+    losses = train_and_measure(config, trainer)
+    before, after = losses["held_out_content_loss_before"], losses["held_out_content_loss_after"]
+    passed, improvement = verdict(before, after, config.min_improvement)
     trainer.model.save_pretrained(output_dir)
     report = {
         "verdict": "PASSED" if passed else "FAILED",
-        "held_out_content_loss_before": loss_before,
-        "held_out_content_loss_after": loss_after,
+        **losses,
         "relative_improvement": improvement,
-        "held_out_response_loss_before": response_loss_before,
-        "held_out_response_loss_after": response_loss_after,
         "min_improvement": config.min_improvement,
         "steps": trainer.state.global_step,
         "train_examples": len(train),
@@ -123,9 +149,9 @@ def main(config: UnitTestConfig) -> int:
         "runtime_seconds": round(time.perf_counter() - started, 1),
         "settings": config_as_dict(config),
     }
-    write_json(output_dir / "unit_test_report.json", report)
+    write_json(output_dir / REPORT_FILE, report)
     change = f"{100 * improvement:+.1f}%, need {100 * config.min_improvement:.0f}%"
-    print(f"held-out content loss {loss_before:.4f} -> {loss_after:.4f} ({change})")
+    print(f"held-out content loss {before:.4f} -> {after:.4f} ({change})")
     print(report["verdict"])
     return 0 if passed else EXIT_CHECK_FAILED
 

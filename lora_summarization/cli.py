@@ -9,17 +9,20 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+INTERRUPTED_MESSAGE = "interrupted before the stage finished; rerun it to complete its outputs"
 
 
 class UsageError(Exception):
     """Bad input or setup: the stage exits with code 2 and this one-line message."""
 
 
-class StageFailed(Exception):
-    """The run could not finish (out of memory, ...): the stage exits with code 1 and this one-line message."""
+class RunFailed(Exception):
+    """The run could not finish (e.g. a full disk): the stage exits with code 1 and this one-line message."""
 
 
 def parse_config(config_class, argv: list[str] | None = None):
@@ -35,15 +38,32 @@ def parse_config(config_class, argv: list[str] | None = None):
 
 
 def run_stage(main: Callable, config_class, argv: list[str] | None = None) -> int:
-    """Parse the config, run `main(config)`; a UsageError or StageFailed becomes one line on stderr, exit 2 or 1."""
+    """Parse the config and run `main(config)`; a UsageError (exit 2), RunFailed (exit 1) or Ctrl-C (exit 130)
+    becomes one line on stderr, with the traceback only under --debug."""
     config = parse_config(config_class, argv)
     try:
         return main(config) or EXIT_OK
-    except (UsageError, StageFailed) as error:
-        if getattr(config, "debug", False):
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_CHECK_FAILED
+    except UsageError as error:
+        return report_exit(config, f"error: {error}", EXIT_USAGE)
+    except RunFailed as error:
+        return report_exit(config, f"error: {error}", EXIT_CHECK_FAILED)
+    except KeyboardInterrupt:
+        return report_exit(config, INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+
+
+def report_exit(config, line: str, code: int) -> int:
+    close_progress_bars()
+    if getattr(config, "debug", False):
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    return code
+
+
+def close_progress_bars() -> None:
+    """An error raised inside a loop leaves its tqdm bar open; closing it ends the bar's line (tqdm has no public
+    list of open bars)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def config_as_dict(config) -> dict:

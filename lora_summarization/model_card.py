@@ -173,8 +173,11 @@ def framework_versions() -> str:
     return "### Framework versions\n\n" + "\n".join(f"- {name} {version(pkg)}" for name, pkg in packages.items()) + "\n"
 
 
-def write_model_card(output_dir: str | Path, training_summary: dict) -> Path:
-    """Write README.md in the adapter folder: what it is, how to load it, data, training, no evaluation yet."""
+def write_model_card(output_dir: str | Path, training_summary: dict, staging_dir: str | Path | None = None) -> Path:
+    """Write README.md in the adapter folder: what it is, how to load it, data, training, no evaluation yet.
+
+    With `staging_dir`, the card is written there (to be moved into `output_dir` later) but still names `output_dir`.
+    """
     settings = training_summary.get("settings", {})
     sections = [
         front_matter(settings.get("model", "")),
@@ -186,7 +189,7 @@ def write_model_card(output_dir: str | Path, training_summary: dict) -> Path:
         licence_section(settings.get("model", "")),
         framework_versions(),
     ]
-    path = Path(output_dir) / CARD_FILE
+    path = Path(staging_dir or output_dir) / CARD_FILE
     path.write_text("\n".join(sections), encoding="utf-8")
     return path
 

@@ -49,8 +49,8 @@ def pin_one_gpu_unless_distributed() -> None:
 
 
 def bf16_supported() -> bool:
-    """bf16 runs on every CPU (autocast) and on Ampere or newer GPUs."""
-    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    """bf16 runs on every CPU (autocast) and on Ampere or newer GPUs (older ones emulate it, far slower than fp32)."""
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_device() -> torch.device:
@@ -60,10 +60,23 @@ def resolve_device() -> torch.device:
     return torch.device("cpu")
 
 
+def precision_problem(precision: str) -> str | None:
+    """Why `--precision` cannot be used on this machine, or None; every stage checks it before loading weights."""
+    if precision not in PRECISIONS:
+        return f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
+    if precision == "bf16" and not bf16_supported():
+        return (
+            "--precision bf16 needs a GPU with bfloat16 support, which this one lacks; pass --precision fp32 "
+            "(tf32 also needs an Ampere or newer GPU)"
+        )
+    return None
+
+
 def configure_precision(precision: str) -> torch.dtype:
     """Set matmul precision for `precision` and return the dtype to load the base weights in."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    problem = precision_problem(precision)
+    if problem:
+        raise UsageError(problem)
     # tf32 and bf16 both let fp32 matmuls use TF32 tensor cores; fp32 keeps exact fp32 (the published setting).
     torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     torch.backends.cudnn.allow_tf32 = precision != "fp32"

@@ -20,13 +20,15 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from .cli import StageFailed
+from .cli import RunFailed, write_json
+from .disk_space import DiskFull, folder_size, is_disk_full
 from .prompts import IGNORE_INDEX, EncodedExample, encode_example
 
 CHECKPOINT_STAGING = ".incomplete"
 LENGTH_GROUP_STEPS = 50  # optimizer steps' worth of examples sorted by length together
+RESUME_AFTER_FREEING_SPACE = "free space, then rerun the same train.py command with --resume"
 
 
 def encode_records(tokenizer, records: list[dict], max_length: int, system_prompt: str | None) -> list[EncodedExample]:
@@ -173,6 +175,8 @@ class SummaryTrainer(Trainer):
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
         self.loss_is_finite = torch.ones((), dtype=torch.bool, device=self.args.device)
         self.batch_shape: tuple[int, ...] | None = None  # of the micro-batch in progress, for out-of-memory reports
+        # File name -> JSON payload, written into every checkpoint before it is renamed into place.
+        self.checkpoint_json: dict[str, object] = {}
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -227,14 +231,15 @@ class SummaryTrainer(Trainer):
         return metrics
 
     def _save_checkpoint(self, model, trial):
-        """Write each checkpoint into a staging folder and rename it when complete."""
+        """Write each checkpoint into a staging folder and rename it when complete; keep the newest N."""
         final_dir = Path(self.args.output_dir)
         staging_dir = final_dir / CHECKPOINT_STAGING
-        self.args.output_dir = str(staging_dir)
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = str(final_dir)
+            self._save_checkpoint_into(staging_dir, model, trial)
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            raise checkpoint_disk_full(final_dir) from error
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             for checkpoint in staging_dir.iterdir():
@@ -243,7 +248,29 @@ class SummaryTrainer(Trainer):
                     shutil.rmtree(target)
                 checkpoint.rename(target)
             staging_dir.rmdir()
+            # The Trainer's own rotation ran inside the staging folder, where only the newest checkpoint is.
+            rotate_checkpoints(str(final_dir), self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint_into(self, staging_dir: Path, model, trial) -> None:
+        final_dir = self.args.output_dir
+        self.args.output_dir = str(staging_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.is_world_process_zero():
+                checkpoint = staging_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                for name, payload in self.checkpoint_json.items():
+                    write_json(checkpoint / name, payload)
+        finally:
+            self.args.output_dir = final_dir
+
+
+def checkpoint_disk_full(checkpoint_dir: Path) -> DiskFull:
+    """Remove the failed checkpoint's staging folder (the previous checkpoints stay) and say what is needed."""
+    latest = latest_checkpoint(checkpoint_dir)
+    needed = max(folder_size(checkpoint_dir / CHECKPOINT_STAGING), folder_size(latest) if latest else 0)
+    clear_incomplete_checkpoints(checkpoint_dir)
+    return DiskFull(checkpoint_dir, "a checkpoint", needed, RESUME_AFTER_FREEING_SPACE)
 
 
 def clear_incomplete_checkpoints(checkpoint_dir: Path) -> None:
@@ -378,24 +405,16 @@ def build_trainer(
     return trainer, guard
 
 
-def close_progress_bar(trainer: Trainer) -> None:
-    """End the training bar's line, so that a message printed after a failure starts on a line of its own."""
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
-            callback.training_bar.close()
-
-
 @contextlib.contextmanager
 def out_of_memory_reported(stage: str, trainer: SummaryTrainer, remedies: list[str], checkpoint_dir: Path | None):
     """Turn a CUDA out-of-memory into one line: where it happened, on what batch, and what to try, in order."""
     try:
         yield
     except torch.OutOfMemoryError as error:
-        close_progress_bar(trainer)
         examples, tokens = trainer.batch_shape or (0, 0)
         checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
         kept = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
-        raise StageFailed(
+        raise RunFailed(
             f"out of GPU memory in {stage} at optimizer step {trainer.state.global_step + 1} on a micro-batch of "
             f"{examples} examples x {tokens} tokens; try, in this order: {'; '.join(remedies)}; {kept}"
         ) from error

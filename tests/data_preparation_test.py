@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import QWEN_DIR, requires_qwen_tokenizer, run_script
+from conftest import QWEN_DIR, ROOT, requires_qwen_tokenizer, run_script
 from transformers import AutoTokenizer
 
 import data_preparation
@@ -250,6 +256,41 @@ def test_subprocess_hub_unreachable_names_the_local_flags(tmp_path):
     assert "Traceback" not in result.stderr
     assert "cannot load the dataset 'someone/samsum-copy' from the Hugging Face Hub" in error
     assert "--source with a local copy" in error and "--model" in error
+
+
+def open_files(pid: int) -> set[str]:
+    targets = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            targets.add(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            pass
+    return targets
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see when the source is read")
+def test_ctrl_c_exits_130_with_one_line_and_leaves_the_data_folder_as_it_was(tmp_path):
+    source = write_samsum_csvs(tmp_path / "big", {"train": 50_000, "validation": 200, "test": 100})
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / data.TRAIN_FILE).write_text("[]", encoding="utf-8")
+    command = [sys.executable, str(ROOT / "data_preparation.py"), "--source", str(source), "--output-dir", str(out)]
+    process = subprocess.Popen(
+        [*command, "--no-token-stats", *SMALL],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    train_csv = str(source / "train.csv")
+    while train_csv not in open_files(process.pid) and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)  # while it reads the source; cleaning 50,000 rows takes a while longer
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.startswith("interrupted") and stderr.count("\n") == 1, stderr
+    assert snapshot(out) == {data.TRAIN_FILE: b"[]"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "data"], "a staging folder was left behind"
 
 
 @requires_qwen_tokenizer

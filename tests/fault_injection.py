@@ -1,13 +1,17 @@
-"""Run a stage script with a non-finite loss injected on one process, for tests that need it under torchrun.
+"""Run a stage script with faults injected into its loss computation, for tests that need them in a subprocess.
 
     NAN_ON_RANK=1 NAN_FROM_CALL=5 torchrun --nproc_per_node 2 tests/fault_injection.py train.py [flags]
+    SECONDS_PER_CALL=0.2 python tests/fault_injection.py train.py [flags]
 
-From its NAN_FROM_CALL-th loss computation on, the process whose RANK is NAN_ON_RANK sees NaN losses.
+NAN_ON_RANK/NAN_FROM_CALL: from its NAN_FROM_CALL-th loss computation on, the process whose RANK is NAN_ON_RANK
+sees NaN losses. SECONDS_PER_CALL: every loss computation first sleeps this long, so that a test can interrupt
+a tiny run in its middle; the numbers are unchanged.
 """
 
 import os
 import runpy
 import sys
+import time
 
 from lora_summarization import training
 
@@ -15,14 +19,15 @@ real_losses = training.response_token_losses
 calls = 0
 
 
-def losses_turning_nan(*args):
+def injected_losses(*args):
     global calls
     calls += 1
+    time.sleep(float(os.environ.get("SECONDS_PER_CALL", 0)))
     losses = real_losses(*args)
-    return losses * float("nan") if calls >= int(os.environ["NAN_FROM_CALL"]) else losses
+    nan_here = os.environ.get("RANK", "0") == os.environ.get("NAN_ON_RANK")
+    return losses * float("nan") if nan_here and calls >= int(os.environ["NAN_FROM_CALL"]) else losses
 
 
-if os.environ.get("RANK", "0") == os.environ["NAN_ON_RANK"]:
-    training.response_token_losses = losses_turning_nan
+training.response_token_losses = injected_losses
 script, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

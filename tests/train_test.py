@@ -1,3 +1,4 @@
+import errno
 import json
 import math
 import os
@@ -21,9 +22,10 @@ from conftest import (
     run_script,
 )
 from safetensors.torch import load_file
+from transformers import Trainer
 
-from lora_summarization import training
-from lora_summarization.cli import parse_config, run_stage
+from lora_summarization import modeling, run_folder, run_lock, training
+from lora_summarization.cli import UsageError, parse_config, run_stage
 from lora_summarization.model_card import NOT_EVALUATED
 
 FAST = ("--eval-steps", "1000", "--save-steps", "1000", "--logging-steps", "1")
@@ -59,6 +61,7 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter(trained_adapter_dir)
     assert (trained_adapter_dir / "tokenizer_config.json").exists()
     card = (trained_adapter_dir / "README.md").read_text(encoding="utf-8")
     assert "library_name: peft" in card and NOT_EVALUATED in card and "| `--learning-rate` | `0.01` |" in card
+    assert run_folder.FINAL_STAGING not in card and not (trained_adapter_dir / run_folder.FINAL_STAGING).exists()
     assert list((trained_adapter_dir / "runs").glob("events.out.tfevents*"))
     log = [json.loads(line) for line in (trained_adapter_dir / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log if "eval_loss" in entry] == [40, 80]
@@ -110,14 +113,21 @@ def logged_steps(output_dir) -> int:
     return sum('"loss"' in line for line in log.read_text().splitlines()) if log.exists() else 0
 
 
+SLOWED = {"SECONDS_PER_CALL": "0.1"}  # so that a signal reliably lands in the middle of a tiny run
+
+
 def interrupt(command: list[str], output_dir, number: int, ready) -> subprocess.CompletedProcess:
-    """Start `command`, send signal `number` once `ready(output_dir)` holds, and collect its output."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Start `command` slowed down, send signal `number` once `ready(output_dir)` holds, and collect its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **SLOWED}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not ready(output_dir) and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(number)
     stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+INJECT = ROOT / "tests" / "fault_injection.py"
 
 
 STOP_LINE = re.compile(r"stopped at optimizer step (\d+); checkpoint saved; continue with: (.*)")
@@ -133,7 +143,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(
         ready = lambda folder: training.latest_checkpoint(folder / "checkpoints") is not None  # noqa: E731
     else:
         ready = lambda folder: logged_steps(folder) >= 2  # noqa: E731
-    stopped = interrupt([sys.executable, str(ROOT / "train.py"), *flags], output_dir, number, ready)
+    stopped = interrupt([sys.executable, str(INJECT), str(ROOT / "train.py"), *flags], output_dir, number, ready)
     assert not (output_dir / "adapter_model.safetensors").exists()
     if number == signal.SIGKILL:
         assert stopped.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
@@ -200,7 +210,7 @@ def test_sigterm_under_torchrun_stops_both_processes_at_one_step_and_resumes_exa
 ):
     output_dir = tmp_path / "ddp_interrupted"
     flags = train_args(tiny_model_dir, data_dir, output_dir, *DDP_SCHEDULE)
-    command = torchrun_command(ROOT / "train.py", *flags)
+    command = torchrun_command(INJECT, ROOT / "train.py", *flags)
     stopped = interrupt(command, output_dir, signal.SIGTERM, lambda folder: logged_steps(folder) >= 2)
     step = STOP_LINE.search(stopped.stderr).group(1)
     assert stopped.stderr.count("stopped at optimizer step") == 1  # rank 0 speaks for both
@@ -216,7 +226,7 @@ def test_nan_on_one_process_stops_both_at_the_same_step_without_saving(tiny_mode
     output_dir = tmp_path / "ddp_nan"
     flags = train_args(tiny_model_dir, data_dir, output_dir, *DDP_SCHEDULE, "--save-steps", "2")
     injected = {"NAN_ON_RANK": "1", "NAN_FROM_CALL": "9"}  # two micro-batches per step and process: step 5
-    result = run_torchrun(ROOT / "tests" / "fault_injection.py", ROOT / "train.py", *flags, env=injected)
+    result = run_torchrun(INJECT, ROOT / "train.py", *flags, env=injected)
     assert result.returncode != 0
     assert "the loss became NaN or infinite at optimizer step 5" in result.stderr
     checkpoints = sorted(path.name for path in (output_dir / "checkpoints").glob("checkpoint-*"))
@@ -344,3 +354,180 @@ def test_bf16_trains_to_a_finite_loadable_adapter_and_report_to_none_writes_no_t
     weights = adapter_weights(output_dir)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert not (output_dir / "runs").exists()
+
+
+def run_train(argv: list[str], capsys, **replacements) -> tuple[int, str, str]:
+    """train.py in this process, as the command line would run it; `replacements` swap its module functions."""
+    train = load_script("train.py")
+    for name, replacement in replacements.items():
+        setattr(train, name, replacement)
+    code = run_stage(train.main, train.TrainConfig, [str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_lock(output_dir, pid: int) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    holder = {"pid": pid, "host": socket.gethostname(), "script": "train.py"}
+    (output_dir / run_lock.LOCK_FILE).write_text(json.dumps(holder))
+
+
+def test_a_folder_locked_by_a_live_run_is_refused_and_never_cleared(tiny_model_dir, data_dir, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    write_lock(output_dir, os.getpid())  # this test's process is alive
+    (output_dir / "train_log.jsonl").write_text("{}\n")
+    argv = train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "2", "--overwrite-output-dir")
+    code, _, err = run_train(argv, capsys)
+    assert code == 2
+    assert err == (
+        f"error: --output-dir {output_dir} is used by a running train.py (PID {os.getpid()} on host "
+        f"{socket.gethostname()}); wait for it or pass another --output-dir\n"
+    )
+    assert sorted(p.name for p in output_dir.iterdir()) == [run_lock.LOCK_FILE, "train_log.jsonl"]
+
+
+def test_stale_lock_is_taken_over_and_a_used_folder_needs_overwrite(tiny_model_dir, data_dir, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    write_lock(output_dir, finished.pid)
+    argv = train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "2", *FAST)
+    code, _, err = run_train(argv, capsys)
+    assert code == 0, err
+    assert f"taking over {output_dir / run_lock.LOCK_FILE} from train.py (PID {finished.pid}" in err
+    assert not (output_dir / run_lock.LOCK_FILE).exists(), "the lock was not released"
+
+    code, _, err = run_train(argv, capsys)
+    assert code == 2
+    assert err.startswith(f"error: --output-dir {output_dir} holds a previous run (checkpoints, train_log.jsonl, runs,")
+    assert err.rstrip().endswith("pass --resume to continue it or --overwrite-output-dir to delete it first")
+    assert err.count("\n") == 1
+
+    (output_dir / "notes.txt").write_text("from the first run")
+    code, out, err = run_train([*argv, "--max-steps", "3", "--overwrite-output-dir"], capsys)
+    assert code == 0, err
+    assert not (output_dir / "notes.txt").exists()
+    log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3]  # not appended to the first run's
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-3"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, tiny_model_dir, data_dir):
+    """A 4-step run with checkpoints at steps 2 and 4, on its own copy of the data; copy it before changing it."""
+    folder = tmp_path_factory.mktemp("checkpointed")
+    shutil.copytree(data_dir, folder / "data")
+    schedule = ("--max-steps", "4", "--save-steps", "2", "--eval-steps", "1000", *TINY_TRAINING_FLAGS)
+    train = load_script("train.py")
+    argv = train_args(tiny_model_dir, folder / "data", folder / "out", *schedule)
+    assert run_stage(train.main, train.TrainConfig, [str(arg) for arg in argv]) == 0
+    return folder, schedule
+
+
+def copy_of(checkpointed_run, tmp_path):
+    folder, schedule = checkpointed_run
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "data", tmp_path / "out", schedule
+
+
+def test_resume_refuses_changed_settings_and_data_before_loading_the_model(
+    checkpointed_run, tiny_model_dir, tmp_path, capsys
+):
+    data_copy, output_dir, schedule = copy_of(checkpointed_run, tmp_path)
+    train_file = data_copy / "train_data.json"
+    train_file.write_text(json.dumps(json.loads(train_file.read_text())[:-1]))
+    changed = ("--learning-rate", "2e-2", "--batch-size", "2", "--grad-accum", "4")
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    argv = train_args(tiny_model_dir, data_copy, output_dir, *schedule, *changed, "--resume")
+    code, _, err = run_train(argv, capsys, build_model=no_model)
+    assert code == 2
+    assert err == (
+        "error: --resume: the checkpoint was made with other settings: --batch-size: checkpoint 4, now 2; "
+        "--grad-accum: checkpoint 2, now 4; --learning-rate: checkpoint 0.01, now 0.02; "
+        "train_data.json: changed since the checkpoint; pass --resume-anyway to continue regardless\n"
+    )
+
+
+def test_resume_allows_other_intervals_and_resume_anyway_records_what_it_overrode(
+    checkpointed_run, tiny_model_dir, tmp_path, capsys
+):
+    data_copy, output_dir, schedule = copy_of(checkpointed_run, tmp_path)
+    shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")  # so the resumed run trains steps 3 and 4
+    argv = train_args(tiny_model_dir, data_copy, output_dir, *schedule, "--resume")
+    code, out, err = run_train([*argv, "--eval-steps", "1", "--logging-steps", "3"], capsys)
+    assert code == 0, err
+    assert "resuming from" in out and "checkpoint-2" in out
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["optimizer_steps"] == 4 and summary["resume_overrides"] == []
+
+    code, _, err = run_train([*argv, "--learning-rate", "2e-2", "--resume-anyway"], capsys)
+    assert code == 0, err
+    assert "warning: --resume-anyway: continuing although --learning-rate: checkpoint 0.01, now 0.02" in err
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["resume_overrides"] == ["--learning-rate: checkpoint 0.01, now 0.02"]
+
+
+def only_error_line(stderr: str) -> str:
+    """The one `error:` line; progress bars may come before it on stderr, a traceback must not."""
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert stderr.rstrip().endswith(line)
+    return line
+
+
+def disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_at_a_checkpoint_exits_1_and_keeps_the_previous_checkpoint(
+    tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch
+):
+    real_save_rng_state = Trainer._save_rng_state
+
+    def fail_at_step_4(trainer, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            disk_full()
+        real_save_rng_state(trainer, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", fail_at_step_4)
+    output_dir = tmp_path / "out"
+    schedule = ("--max-steps", "6", "--save-steps", "2", "--eval-steps", "9")
+    argv = train_args(tiny_model_dir, data_dir, output_dir, *schedule)
+    code, _, err = run_train(argv, capsys)
+    assert code == 1
+    line = only_error_line(err)
+    assert line.startswith(f"error: the disk holding {output_dir / 'checkpoints'} is full (")
+    assert "a checkpoint needs about" in line and line.endswith("rerun the same train.py command with --resume")
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert adapter_weights(output_dir / "checkpoints" / "checkpoint-2")
+    assert not (output_dir / "adapter_config.json").exists()
+    assert not (output_dir / run_lock.LOCK_FILE).exists()
+
+
+def test_full_disk_in_the_final_save_leaves_no_adapter_but_the_checkpoint(tiny_model_dir, data_dir, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    argv = train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "2", *FAST)
+    code, _, err = run_train(argv, capsys, plot_loss_curve=disk_full)  # after the adapter is written
+    assert code == 1
+    line = only_error_line(err)
+    assert line.startswith(f"error: the disk holding {output_dir} is full (") and "the adapter needs about" in line
+    assert not (output_dir / "adapter_config.json").exists()
+    assert not (output_dir / run_folder.FINAL_STAGING).exists()
+    assert adapter_weights(output_dir / "checkpoints" / "checkpoint-2")
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused_before_loading(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    code, _, err = run_train(train_args(tiny_model_dir, data_dir, tmp_path / "out", "--precision", "bf16"), capsys)
+    assert code == 2
+    assert err == (
+        "error: --precision bf16 needs a GPU with bfloat16 support, which this one lacks; pass --precision fp32 "
+        "(tf32 also needs an Ampere or newer GPU)\n"
+    )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="--precision fp32"):  # the check unit_test.py and evaluate.py go through
+        modeling.configure_precision("bf16")

@@ -162,3 +162,13 @@ def test_gradient_checkpointing_still_trains_the_adapter(tiny_model_dir, batch):
     training.response_token_losses(hidden, batch["labels"], model.get_output_embeddings()).mean().backward()
     lora_grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]  # A gets none while B is 0
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_by_step(lora_model, tokenizer, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_total_limit=2)
+    trainer = training.SummaryTrainer(model=lora_model, args=args, processing_class=tokenizer)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    for step in range(1, 7):
+        trainer.state.global_step = step
+        trainer._save_checkpoint(lora_model, trial=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-6"]

@@ -3,11 +3,13 @@
 import json
 import math
 import os
+import socket
 
 import pytest
 import torch
 from conftest import load_script, run_script
 
+from lora_summarization import run_lock
 from lora_summarization.cli import run_stage
 
 SMOKE = ("--steps", "30", "--batch-size", "4")
@@ -33,11 +35,27 @@ def test_smoke_test_fails_when_nothing_is_learned(tiny_model_dir, data_dir, tmp_
     unit_test = load_script("unit_test.py")
     output_dir = tmp_path / "finetune_100_model"
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--output-dir", str(output_dir), *SMOKE]
+    output_dir.mkdir()
+    (output_dir / "train_log.jsonl").write_text('{"step": 999, "loss": 1.0}\n')  # a previous run's log
     assert run_stage(unit_test.main, unit_test.UnitTestConfig, [*argv, "--learning-rate", "0"]) == 1
     assert capsys.readouterr().out.strip().endswith("FAILED")
     report = json.loads((output_dir / "unit_test_report.json").read_text())
     assert report["verdict"] == "FAILED"
     assert report["held_out_content_loss_after"] == report["held_out_content_loss_before"]
+    log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(entry["step"] <= 30 for entry in log), "the previous run's log was appended to"
+    assert not (output_dir / run_lock.LOCK_FILE).exists()
+
+
+def test_a_folder_in_use_by_a_running_smoke_test_is_refused(tiny_model_dir, data_dir, tmp_path, capsys):
+    unit_test = load_script("unit_test.py")
+    output_dir = tmp_path / "finetune_100_model"
+    output_dir.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "script": "unit_test.py"}
+    (output_dir / run_lock.LOCK_FILE).write_text(json.dumps(holder))
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--output-dir", str(output_dir)]
+    assert run_stage(unit_test.main, unit_test.UnitTestConfig, argv) == 2
+    assert f"is used by a running unit_test.py (PID {os.getpid()} on host" in capsys.readouterr().err
 
 
 def test_smoke_test_in_bf16_reports_finite_losses(tiny_model_dir, data_dir, tmp_path):
@@ -57,6 +75,7 @@ def test_several_gpus_are_pinned_to_one_before_anything_runs(tmp_path, monkeypat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert run_stage(unit_test.main, unit_test.UnitTestConfig, ["--data-dir", str(tmp_path / "no_data")]) == 2
+    argv = ["--data-dir", str(tmp_path / "no_data"), "--output-dir", str(tmp_path / "out")]
+    assert run_stage(unit_test.main, unit_test.UnitTestConfig, argv) == 2
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # the Trainer then sees one GPU, not DataParallel over two
     assert "2 GPUs visible; this single process uses one of them" in capsys.readouterr().out
