@@ -92,7 +92,7 @@ def follow_training(adapter_dirs: list[str], given: dict) -> dict:
 
 @dataclass
 class TestSet:
-    """The test records encoded once, so both models see exactly the same token ids."""
+    """The test records encoded once, so every model sees exactly the same token ids."""
 
     examples: list[EncodedExample]
     prompts: list[list[int]]
