@@ -32,6 +32,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK,
 from lora_summarization import data, modeling, resume_guard, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
 from lora_summarization.disk_space import DiskFull, folder_size, is_disk_full
+from lora_summarization.evaluation import save_generation_config
 from lora_summarization.model_card import write_model_card
 from lora_summarization.run_lock import is_main_process, output_dir_lock
 from lora_summarization.training import (
@@ -288,6 +289,7 @@ def final_save_disk_full(output_dir: Path, staging: Path) -> DiskFull:
 def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
     trainer.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    save_generation_config(folder, tokenizer)  # the decoding evaluate.py scores, for the card's snippet and serving
     history = trainer.state.log_history
     plot_loss_curve(history, folder / "loss_curve.png")
     train_losses, eval_losses = losses(history, "loss"), losses(history, "eval_loss")

@@ -71,9 +71,14 @@ def config_as_dict(config) -> dict:
 
 
 def write_json(path: Path, payload) -> None:
-    """Write JSON atomically (temp file + rename), UTF-8 without escaping plain text."""
+    """Write JSON atomically, UTF-8 without escaping plain text."""
+    write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write text (UTF-8) or bytes to a temp file and rename it: `path` is never left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     tmp.replace(path)

@@ -1,37 +1,98 @@
-"""Scoring a model on the test set: response loss, greedy summaries, ROUGE, and a paired bootstrap of two models."""
+"""Scoring models on the test set: losses, greedy summaries, ROUGE, and paired bootstraps between models."""
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import re
+import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+from transformers.utils import GENERATION_CONFIG_NAME
 
+from .cli import UsageError
 from .prompts import EncodedExample, encode_example, end_of_turn_id, extract_summary, prompt_ids
-from .training import example_loss_sums, length_sorted_batches
+from .training import example_loss_sums, length_sorted_batches, model_hidden_states
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRIC_NAMES = {
     "loss": "loss",
+    "content_loss": "content loss",
+    "perplexity": "perplexity",
+    "published_recipe_loss": "published-recipe loss*",
     "rouge1": "ROUGE-1",
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
     "rougeLsum": "ROUGE-Lsum",
 }
+TABLE_COLUMNS = tuple(METRIC_NAMES)
+COMPARED = ("loss", "content_loss", *ROUGE_TYPES)  # the metrics a paired bootstrap compares
+LOWER_IS_BETTER = {"loss", "content_loss"}
+PUBLISHED_RECIPE_NOTE = (
+    "published-recipe loss: reconstructed the way the published recipe's README implies (every example padded to "
+    "512 tokens, prompt and padding in the mean), to compare with its numbers; not a metric to optimise"
+)
+DEFAULT_MAX_NEW_TOKENS = 128
 SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+TRAINING_SUMMARY_FILE = "training_summary.json"
+# How an adapter was trained decides how it is scored; these are the values when nothing says otherwise.
+DEFAULTS = {"system_prompt": None, "max_length": 512}
+FOLLOWED_SETTINGS = tuple(DEFAULTS)
+
+
+def trained_settings(adapter_dir: str | Path) -> dict:
+    """The FOLLOWED_SETTINGS recorded in the adapter's training_summary.json (none when it has no summary)."""
+    path = Path(adapter_dir) / TRAINING_SUMMARY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise UsageError(f"{path} is not a training summary written by train.py; remove it or fix it") from None
+    return {key: settings[key] for key in FOLLOWED_SETTINGS if key in settings}
+
+
+def follow_training(adapter_dirs: list[str], given: dict) -> dict:
+    """The settings (keys of `given`, from FOLLOWED_SETTINGS) to run adapters with: what they were trained with.
+
+    A value given explicitly (not None) wins, with a warning where an adapter was trained otherwise; adapters
+    trained with different values are refused unless the flag settles it.
+    """
+    trained = {folder: trained_settings(folder) for folder in adapter_dirs}
+    resolved = {}
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        values = {folder: settings[key] for folder, settings in trained.items() if key in settings}
+        if value is not None:
+            for folder, trained_value in values.items():
+                if trained_value != value:
+                    message = f"{flag} {value!r} differs from {trained_value!r}, which {folder} was trained with"
+                    warnings.warn(message, stacklevel=3)
+            resolved[key] = value
+        elif len({json.dumps(trained_value) for trained_value in values.values()}) > 1:
+            listed = ", ".join(f"{folder}: {trained_value!r}" for folder, trained_value in values.items())
+            raise UsageError(f"the adapters were trained with different {flag} ({listed}); pass {flag} to choose one")
+        else:
+            resolved[key] = next(iter(values.values()), DEFAULTS[key])
+    return resolved
 
 
 @dataclass
 class TestSet:
-    """The test records encoded once, so both models see exactly the same token ids."""
+    """The test records encoded once, so every model sees exactly the same token ids."""
 
     examples: list[EncodedExample]
     prompts: list[list[int]]
@@ -48,39 +109,78 @@ def encode_test_set(tokenizer, records: list[dict], max_length: int, system_prom
 
 @dataclass
 class ModelScores:
-    """One model's per-example results on a test set."""
+    """One model's per-example results on a test set; a part not computed (or not known, for outside predictions)
+    is None."""
 
-    losses: np.ndarray  # mean cross-entropy over each example's response tokens
-    label_tokens: np.ndarray  # response tokens per example: the weights of the corpus loss
+    losses: np.ndarray | None = None  # mean cross-entropy over each response: `Summary:`, summary, `<|im_end|>`
+    label_tokens: np.ndarray | None = None  # response tokens per example: the weights of the corpus loss
+    content_losses: np.ndarray | None = None  # the same over the summary text and `<|im_end|>` only
+    content_tokens: np.ndarray | None = None
+    published_recipe_losses: np.ndarray | None = None  # see published_recipe_losses()
     predictions: list[str] | None = None
     rouge: dict[str, np.ndarray] | None = None  # per-example F1 by ROUGE type
 
-    @property
-    def corpus_loss(self) -> float:
-        return float(np.average(self.losses, weights=self.label_tokens))
+    def compared_metrics(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Per-example values and weights (None: each example counts once) of the metrics a bootstrap compares."""
+        metrics = {}
+        if self.losses is not None:
+            metrics["loss"] = (self.losses, self.label_tokens)
+            metrics["content_loss"] = (self.content_losses, self.content_tokens)
+        metrics.update({name: (scores, None) for name, scores in (self.rouge or {}).items()})
+        return metrics
 
     def summary(self) -> dict:
-        means = {name: float(scores.mean()) for name, scores in (self.rouge or {}).items()}
-        return {"loss": self.corpus_loss, "perplexity": math.exp(self.corpus_loss), **means}
+        """Corpus values: losses weighted by their tokens, ROUGE averaged over examples."""
+        result = {
+            name: float(np.average(values, weights=weights))
+            for name, (values, weights) in self.compared_metrics().items()
+        }
+        if "loss" in result:
+            result["perplexity"] = math.exp(result["loss"])
+        if self.published_recipe_losses is not None:
+            result["published_recipe_loss"] = float(self.published_recipe_losses.mean())
+        return result
 
     def example(self, index: int) -> dict:
-        result = {"loss": float(self.losses[index])}
+        result = {name: float(values[index]) for name, (values, _) in self.compared_metrics().items()}
+        if self.published_recipe_losses is not None:
+            result["published_recipe_loss"] = float(self.published_recipe_losses[index])
         if self.predictions is not None:
             result["prediction"] = self.predictions[index]
-            result.update({name: float(scores[index]) for name, scores in self.rouge.items()})
         return result
 
 
+class OutOfMemoryInPass(RuntimeError):
+    """The accelerator ran out of memory on one batch; the message names the pass, the model and the batch shape."""
+
+
+@contextmanager
+def out_of_memory_named(what: str, examples: int, tokens: int):
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise OutOfMemoryInPass(
+            f"ran out of memory in {what} on a batch of {examples} examples x {tokens} tokens"
+        ) from error
+
+
 def score_model(
-    model, tokenizer, test_set: TestSet, batch_size: int, max_new_tokens: int, generate: bool, name: str
+    model,
+    tokenizer,
+    test_set: TestSet,
+    batch_size: int,
+    max_new_tokens: int,
+    generate: bool,
+    name: str,
+    published_loss: bool = False,
 ) -> ModelScores:
-    losses, label_tokens = response_losses(model, tokenizer, test_set.examples, batch_size, desc=f"loss ({name})")
-    if not generate:
-        return ModelScores(losses, label_tokens)
-    predictions = generate_summaries(
-        model, tokenizer, test_set.prompts, max_new_tokens, batch_size, desc=f"generate ({name})"
-    )
-    return ModelScores(losses, label_tokens, predictions, rouge_scores(predictions, test_set.references))
+    scores = loss_scores(model, tokenizer, test_set.examples, batch_size, name)
+    if published_loss:
+        scores.published_recipe_losses = published_recipe_losses(model, tokenizer, test_set.examples, batch_size, name)
+    if generate:
+        scores.predictions = generate_summaries(model, tokenizer, test_set.prompts, max_new_tokens, batch_size, name)
+        scores.rouge = rouge_scores(scores.predictions, test_set.references)
+    return scores
 
 
 def _padded(tokenizer, sequences: list[list[int]], side: str, device) -> dict[str, torch.Tensor]:
@@ -88,13 +188,57 @@ def _padded(tokenizer, sequences: list[list[int]], side: str, device) -> dict[st
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def response_losses(
-    model, tokenizer, examples: list[EncodedExample], batch_size: int, desc: str = "loss"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mean cross-entropy over the response tokens, number of response tokens) per example."""
-    sums = example_loss_sums(model, examples, tokenizer.pad_token_id, batch_size, desc).numpy()
-    counts = np.array([example.num_label_tokens for example in examples])
-    return sums[0] / counts, counts
+def loss_scores(model, tokenizer, examples: list[EncodedExample], batch_size: int, name: str = "model") -> ModelScores:
+    """Per-example response and content losses with their token counts.
+
+    Batch by batch (the same length-sorted batches the training core would make), so that running out of
+    memory names the batch's shape.
+    """
+    sums = np.zeros((2, len(examples)))
+    for indices in tqdm(length_sorted_batches([len(e.input_ids) for e in examples], batch_size), desc=f"loss ({name})"):
+        batch = [examples[index] for index in indices]
+        with out_of_memory_named(f"the loss pass of {name}", len(batch), len(batch[0].input_ids)):
+            sums[:, indices] = example_loss_sums(model, batch, tokenizer.pad_token_id, batch_size).numpy()
+    label_tokens = np.array([example.num_label_tokens for example in examples])
+    content_tokens = np.array([example.num_content_tokens for example in examples])
+    return ModelScores(sums[0] / label_tokens, label_tokens, sums[1] / content_tokens, content_tokens)
+
+
+PUBLISHED_RECIPE_LENGTH = 512
+
+
+def published_recipe_batch(examples: list[EncodedExample], pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Every example cut and right-padded to 512 tokens with the pad token, attention mask 0 on the padding."""
+    input_ids = torch.full((len(examples), PUBLISHED_RECIPE_LENGTH), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, example in enumerate(examples):
+        ids = example.input_ids[:PUBLISHED_RECIPE_LENGTH]
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@torch.inference_mode()
+def published_recipe_losses(
+    model, tokenizer, examples: list[EncodedExample], batch_size: int, name: str = "model"
+) -> np.ndarray:
+    """Per-example loss computed the way the published recipe's README implies, for comparison with its numbers.
+
+    Labels equal the padded input ids and the mean runs over all 511 predicted positions: prompt and padding
+    included (we assume the recipe left pad labels unmasked, as its 8.3 nats per token suggest). Not a metric to
+    optimise. One forward pass per batch; the LM head runs one example at a time to bound the logits' memory.
+    """
+    head = model.get_output_embeddings()
+    losses = np.zeros(len(examples))
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"published-recipe loss ({name})"):
+        rows = examples[start : start + batch_size]
+        batch = published_recipe_batch(rows, tokenizer.pad_token_id, model.device)
+        with out_of_memory_named(f"the published-recipe loss pass of {name}", len(rows), PUBLISHED_RECIPE_LENGTH):
+            hidden_states = model_hidden_states(model, batch)
+            for row in range(len(rows)):
+                logits = head(hidden_states[row, :-1].to(head.weight.dtype)).float()
+                losses[start + row] = F.cross_entropy(logits, batch["input_ids"][row, 1:]).item()
+    return losses
 
 
 def greedy_generation_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
@@ -115,16 +259,27 @@ def greedy_generation_config(tokenizer, max_new_tokens: int) -> GenerationConfig
     )
 
 
+def save_generation_config(folder: str | Path, tokenizer, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Path:
+    """Write the decoding evaluate.py scores (greedy, no repetition penalty) as `folder/generation_config.json`.
+
+    `GenerationConfig.from_pretrained(folder)` and `from_pretrained` of a merged model then decode as evaluated,
+    instead of with the base model's sampling settings.
+    """
+    greedy_generation_config(tokenizer, max_new_tokens).save_pretrained(folder)
+    return Path(folder) / GENERATION_CONFIG_NAME
+
+
 @torch.inference_mode()
 def generate_summaries(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str = "generate"
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, name: str = "model"
 ) -> list[str]:
     """Greedy summaries (the `Summary:` prefix removed), in the order of `prompts`."""
     config = greedy_generation_config(tokenizer, max_new_tokens)
     summaries = [""] * len(prompts)
-    for indices in tqdm(length_sorted_batches([len(p) for p in prompts], batch_size), desc=desc):
+    for indices in tqdm(length_sorted_batches([len(p) for p in prompts], batch_size), desc=f"generate ({name})"):
         batch = _padded(tokenizer, [prompts[i] for i in indices], "left", model.device)
-        generated = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :]
+        with out_of_memory_named(f"the generation pass of {name}", *batch["input_ids"].shape):
+            generated = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :]
         for index, text in zip(indices, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
             summaries[index] = extract_summary(text)
     return summaries
@@ -146,18 +301,20 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
 
 
 def paired_bootstrap(
-    fine_tuned: np.ndarray,
-    base: np.ndarray,
+    candidate: np.ndarray,
+    reference: np.ndarray,
     lower_is_better: bool,
     samples: int,
     seed: int,
     weights: np.ndarray | None = None,
 ) -> dict:
-    """Fine-tuned minus base: weighted mean, 95% percentile interval over resampled examples, and win rates.
+    """Candidate minus reference: weighted mean, 95% percentile interval over resampled examples, and win rates.
 
-    `share_not_better` is the share of resamples in which the fine-tuned model does not improve on the base.
+    `share_not_better` is the share of resamples in which the candidate does not improve on the reference.
+    The resampled indices depend only on the seed and the number of examples, so every pair of models compared
+    on the same examples is resampled alike.
     """
-    difference = fine_tuned - base
+    difference = candidate - reference
     weights = np.ones_like(difference) if weights is None else np.asarray(weights, dtype=float)
     resampled = np.random.default_rng(seed).integers(0, len(difference), size=(samples, len(difference)))
     means = (difference * weights)[resampled].sum(axis=1) / weights[resampled].sum(axis=1)
@@ -173,38 +330,40 @@ def paired_bootstrap(
     }
 
 
-def compare_models(base: ModelScores, fine_tuned: ModelScores, samples: int, seed: int) -> dict:
-    """Paired bootstrap of fine-tuned minus base for the token-weighted loss and each ROUGE type."""
-    differences = {
-        "loss": paired_bootstrap(
-            fine_tuned.losses, base.losses, lower_is_better=True, samples=samples, seed=seed, weights=base.label_tokens
+def compare_models(reference: ModelScores, candidate: ModelScores, samples: int, seed: int) -> dict:
+    """Paired bootstrap of candidate minus reference for each metric both have (losses token-weighted)."""
+    references = reference.compared_metrics()
+    return {
+        name: paired_bootstrap(
+            values, references[name][0], name in LOWER_IS_BETTER, samples=samples, seed=seed, weights=weights
         )
+        for name, (values, weights) in candidate.compared_metrics().items()
+        if name in references
     }
-    for name in fine_tuned.rouge or {}:
-        differences[name] = paired_bootstrap(
-            fine_tuned.rouge[name], base.rouge[name], lower_is_better=False, samples=samples, seed=seed
-        )
-    return differences
 
 
-def format_table(base: dict, fine_tuned: dict, differences: dict) -> str:
-    """Base, fine-tuned and their difference per metric; ROUGE as F1 x 100."""
-    rows = [("metric", "base", "fine-tuned", "difference", "95% interval", "not better", "win rate")]
-    for name, difference in differences.items():
-        scale, digits = (1, 4) if name == "loss" else (100, 2)
-        low, high = (scale * bound for bound in difference["ci95"])
-        rows.append(
-            (
-                METRIC_NAMES[name],
-                f"{scale * base[name]:.{digits}f}",
-                f"{scale * fine_tuned[name]:.{digits}f}",
-                f"{scale * difference['mean']:+.{digits}f}",
-                f"[{low:+.{digits}f}, {high:+.{digits}f}]",
-                f"{difference['share_not_better']:.1%}",
-                f"{difference['win_rate']:.1%}",
-            )
-        )
-    rows.append(("perplexity", f"{base['perplexity']:.4g}", f"{fine_tuned['perplexity']:.4g}", "", "", "", ""))
+def comparison_plan(names: list[str], base: str | None) -> list[tuple[str, str]]:
+    """(candidate, reference) pairs: every model against the base, and every later model against the first
+    non-base one (the reference run)."""
+    others = [name for name in names if name != base]
+    pairs = [(name, base) for name in others] if base in names else []
+    return pairs + [(name, others[0]) for name in others[1:]]
+
+
+def compare_all(scores: dict[str, ModelScores], base: str | None, samples: int, seed: int) -> list[dict]:
+    return [
+        {"model": name, "against": against, "difference": compare_models(scores[against], scores[name], samples, seed)}
+        for name, against in comparison_plan(list(scores), base)
+    ]
+
+
+def scale_and_digits(metric: str) -> tuple[int, int]:
+    """Losses in nats per token with 4 decimals; ROUGE as F1 x 100 with 2."""
+    return (1, 4) if "loss" in metric else (100, 2)
+
+
+def aligned(rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned, a rule under the header."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = [
         "  ".join(
@@ -215,18 +374,71 @@ def format_table(base: dict, fine_tuned: dict, differences: dict) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def save_chart(base: dict, fine_tuned: dict, differences: dict, path: Path) -> None:
-    """One panel per metric with both models' bars; the fine-tuned whisker is the base plus the 95% interval."""
-    figure = Figure(figsize=(max(4.5, 2.8 * len(differences)), 3.8), layout="constrained")
-    panels = figure.subplots(1, len(differences), squeeze=False)[0]
-    for axes, (name, difference) in zip(panels, differences.items(), strict=True):
-        scale = 1 if name == "loss" else 100
+def format_models(summaries: dict[str, dict]) -> str:
+    """One row per model; losses in nats per token, ROUGE as F1 x 100."""
+    columns = [name for name in TABLE_COLUMNS if any(name in summary for summary in summaries.values())]
+    rows = [("model", *(METRIC_NAMES[name] for name in columns))]
+    for model, summary in summaries.items():
+        cells = []
+        for name in columns:
+            scale, digits = scale_and_digits(name)
+            value = summary.get(name)
+            cells.append(
+                "" if value is None else f"{value:.4g}" if name == "perplexity" else f"{scale * value:.{digits}f}"
+            )
+        rows.append((model, *cells))
+    table = aligned(rows)
+    if "published_recipe_loss" in columns:
+        table += f"\n* {PUBLISHED_RECIPE_NOTE}"
+    return table
+
+
+def format_comparison(comparison: dict) -> str:
+    """One comparison's differences with their 95% interval, share of resamples not better, and win rate."""
+    rows = [("metric", "difference", "95% interval", "not better", "win rate")]
+    for name, difference in comparison["difference"].items():
+        scale, digits = scale_and_digits(name)
         low, high = (scale * bound for bound in difference["ci95"])
-        axes.bar(["base", "fine-tuned"], [scale * base[name], scale * fine_tuned[name]], color=["#9e9e9e", "#3b75af"])
-        mean = scale * difference["mean"]
-        whisker = np.maximum(0, [[mean - low], [high - mean]])
-        axes.errorbar([1], [scale * fine_tuned[name]], yerr=whisker, fmt="none", capsize=6, color="black")
-        unit = " (lower is better)" if name == "loss" else " F1 x100"
-        axes.set_title(f"{METRIC_NAMES[name]}{unit}\n{mean:+.3g} [{low:+.3g}, {high:+.3g}]", fontsize=9)
-    figure.suptitle("Fine-tuned minus base (95% paired-bootstrap interval)", fontsize=10)
-    figure.savefig(path, dpi=120)
+        rows.append(
+            (
+                METRIC_NAMES[name],
+                f"{scale * difference['mean']:+.{digits}f}",
+                f"[{low:+.{digits}f}, {high:+.{digits}f}]",
+                f"{difference['share_not_better']:.1%}",
+                f"{difference['win_rate']:.1%}",
+            )
+        )
+    return f"{comparison['model']} minus {comparison['against']}:\n{aligned(rows)}"
+
+
+def format_report(summaries: dict[str, dict], comparisons: list[dict]) -> str:
+    return "\n\n".join([format_models(summaries), *map(format_comparison, comparisons)])
+
+
+def chart_png(summaries: dict[str, dict], comparisons: list[dict]) -> bytes:
+    """One panel per compared metric with every model's bar; a model compared with the first row carries the
+    95% interval of that difference as its whisker. PNG bytes, so the caller can write them atomically."""
+    names = list(summaries)
+    anchor = {c["model"]: c["difference"] for c in comparisons if c["against"] == names[0]}
+    metrics = [name for name in METRIC_NAMES if name in COMPARED and name in summaries[names[0]]]
+    figure = Figure(figsize=(max(4.5, (1.2 + 0.6 * len(names)) * len(metrics)), 3.8), layout="constrained")
+    panels = figure.subplots(1, len(metrics), squeeze=False)[0]
+    colours = ["#9e9e9e", "#3b75af", "#e1812c", "#3a923a", "#c03d3e", "#9372b2", "#845b53"]
+    for axes, metric in zip(panels, metrics, strict=True):
+        scale, _ = scale_and_digits(metric)
+        values = [scale * summaries[name][metric] for name in names]
+        axes.bar(range(len(names)), values, color=[colours[i % len(colours)] for i in range(len(names))])
+        axes.set_xticks(range(len(names)), names, rotation=20 if len(names) > 2 else 0, fontsize=8)
+        for position, name in enumerate(names):
+            if name in anchor and metric in anchor[name]:
+                difference = anchor[name][metric]
+                mean = scale * difference["mean"]
+                low, high = (scale * bound for bound in difference["ci95"])
+                whisker = np.maximum(0, [[mean - low], [high - mean]])
+                axes.errorbar([position], [values[position]], yerr=whisker, fmt="none", capsize=6, color="black")
+        unit = " (lower is better)" if "loss" in metric else " F1 x100"
+        axes.set_title(f"{METRIC_NAMES[metric]}{unit}", fontsize=9)
+    figure.suptitle(f"Whiskers: 95% paired-bootstrap interval of the difference from {names[0]}", fontsize=10)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()

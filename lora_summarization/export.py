@@ -3,9 +3,11 @@
     python -m lora_summarization.export --adapter fine_tuned_model --output-dir merged_model
     python -m lora_summarization.export --model /models/Qwen2.5-1.5B-Instruct --precision fp32
 
-The folder holds safetensors weights, config, generation config and tokenizer (with its chat template),
-and loads without PEFT: `AutoModelForCausalLM.from_pretrained("merged_model")`, `vllm serve merged_model`,
-or TGI's `--model-id /data/merged_model`. The merge is done in fp32; `--precision` sets the saved dtype.
+The folder holds safetensors weights, config, tokenizer (with its chat template) and the generation config that
+evaluate.py scores (greedy, no repetition penalty; not the base model's sampling one), and loads without PEFT:
+`AutoModelForCausalLM.from_pretrained("merged_model")`, `vllm serve merged_model`, or TGI's
+`--model-id /data/merged_model` (servers sample unless asked otherwise: request temperature 0 for the evaluated
+decoding). The merge is done in fp32; `--precision` sets the saved dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from peft import PeftConfig
 
 from . import modeling
 from .cli import UsageError, config_as_dict, run_stage, write_json
+from .evaluation import save_generation_config
 
 EXPORT_SETTINGS_FILE = "export_settings.json"
 SAVED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -67,6 +70,7 @@ def save_merged(model, tokenizer, config: ExportConfig) -> Path:
     output_dir = Path(config.output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    save_generation_config(output_dir, tokenizer)  # replaces the base model's sampling config
     write_json(output_dir / EXPORT_SETTINGS_FILE, {**config_as_dict(config), "trained_on": trained_on(config.adapter)})
     return output_dir
 

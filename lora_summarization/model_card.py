@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCardData
 
+from .cli import write_atomic
 from .evaluation import METRIC_NAMES
 from .prompts import INSTRUCTION
 
@@ -91,21 +92,27 @@ def usage(settings: dict, adapter_dir: str) -> str:
 
 ```python
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 tokenizer = AutoTokenizer.from_pretrained({python_string(adapter_dir)})
 model = AutoModelForCausalLM.from_pretrained({python_string(settings.get("model", ""))}, dtype="auto")
 model = PeftModel.from_pretrained(model, {python_string(adapter_dir)})
+generation_config = GenerationConfig.from_pretrained({python_string(adapter_dir)})  # greedy, as evaluated
 
 dialogue = {python_string(EXAMPLE_DIALOGUE)}
 messages = [{system_message}{{"role": "user", "content": {python_string(INSTRUCTION)} + dialogue}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+output = model.generate(**inputs, generation_config=generation_config)
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))  # Summary: ...
 ```
 
-The answer starts with `Summary: `. To serve the model without PEFT (vLLM, TGI), merge the adapter into the base \
-model: `python -m lora_summarization.export --adapter {adapter_dir}` writes a plain safetensors model folder.
+This is the prompt the adapter was trained on and the decoding `evaluate.py` scores: greedy, no repetition \
+penalty (the folder's `generation_config.json`, not the base model's sampling). The answer starts with `Summary: `. \
+To try it on a conversation of your own: \
+`python -m lora_summarization.summarize --adapter {adapter_dir} dialogue.txt`. \
+To serve the model without PEFT (vLLM, TGI), merge the adapter into the base model: \
+`python -m lora_summarization.export --adapter {adapter_dir}` writes a plain safetensors model folder with the same \
+generation config.
 """
 
 
@@ -118,7 +125,8 @@ def data_section(summary: dict, settings: dict) -> str:
         "folder contains no SAMSum text.\n\n"
         f"Trained on {number(summary.get('examples'))} examples from `{settings.get('data_dir')}/` (written by "
         f"`data_preparation.py`); {number(summary.get('dialogues_shortened'))} dialogues were shortened to fit "
-        f"{settings.get('max_length')} tokens (summaries are never cut). The loss covers only the summary tokens.\n"
+        f"{settings.get('max_length')} tokens (summaries are never cut). The loss covers the answer only: the "
+        "`Summary:` prefix, the summary and the closing `<|im_end|>` token, not the prompt.\n"
     )
 
 
@@ -190,41 +198,34 @@ def write_model_card(output_dir: str | Path, training_summary: dict, staging_dir
         framework_versions(),
     ]
     path = Path(staging_dir or output_dir) / CARD_FILE
-    path.write_text("\n".join(sections), encoding="utf-8")
+    write_atomic(path, "\n".join(sections))
     return path
-
-
-def percent(share: float | None) -> str:
-    return "n/a" if share is None else f"{share:.1%}"
 
 
 def metric_row(name: str, base: dict, tuned: dict, difference: dict) -> tuple[str, ...]:
     """One metric as evaluate.py prints it: ROUGE as F1 x 100, the difference with its 95% interval."""
-    scale = 1 if name == "loss" else 100
-    if difference:
-        low, high = (scale * bound for bound in difference["ci95"])
-        change = f"{scale * difference['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
-    else:
-        change = "n/a"
+    scale = 1 if "loss" in name else 100
+    low, high = (scale * bound for bound in difference["ci95"])
     return (
         METRIC_NAMES[name],
         f"{scale * base[name]:.4f}",
         f"{scale * tuned[name]:.4f}",
-        change,
-        percent(difference.get("share_not_better")),
-        percent(difference.get("win_rate")),
+        f"{scale * difference['mean']:+.4f} [{low:+.4f}, {high:+.4f}]",
+        f"{difference['share_not_better']:.1%}",
+        f"{difference['win_rate']:.1%}",
     )
 
 
 def evaluation_section(results: dict) -> str:
-    base, tuned, differences = results["base"], results["fine_tuned"], results.get("difference", {})
-    rows = [metric_row(name, base, tuned, differences.get(name, {})) for name in METRIC_NAMES if name in tuned]
+    base, tuned, differences = results["base"], results["fine_tuned"], results["difference"]
+    rows = [metric_row(name, base, tuned, difference) for name, difference in differences.items()]
     header = ("metric", "base model", "fine-tuned", "difference [95% interval]", "not better", "win rate")
     rouge = "" if "rouge1" not in tuned else "ROUGE is F1 x 100 of the greedy summaries against the references. "
     return (
         f"{EVALUATION_HEADING}\n\n"
-        f"On {number(results['n'])} test examples, by `evaluate.py`. The loss is the mean cross-entropy on the "
-        f"reference summary tokens; {rouge}The difference is fine-tuned minus base with a paired-bootstrap 95% "
+        f"On {number(results['n'])} test examples, by `evaluate.py`. The *loss* is the mean cross-entropy per token "
+        "of the reference answer (the `Summary:` prefix, the summary and `<|im_end|>`); the *content loss* leaves "
+        f"out the fixed prefix. {rouge}The difference is fine-tuned minus base with a paired-bootstrap 95% "
         "interval; *not better* is the share of bootstrap resamples in which the fine-tuned model does not improve "
         "on the base, *win rate* the share of examples on which it is better.\n\n" + table(header, rows) + "\n"
     )
@@ -239,5 +240,5 @@ def add_evaluation(adapter_dir: str | Path, results: dict) -> Path:
         text = EVALUATION_SECTION.sub(lambda _: section, text, count=1)
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    write_atomic(path, text.rstrip("\n") + "\n")
     return path

@@ -173,16 +173,25 @@ def _adapter_does_not_fit(error: Exception) -> bool:
     return "size mismatch" in str(error) or "not found in the base model" in str(error)
 
 
-def load_adapter(base_model, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
+def load_adapter(
+    base_model, adapter_dir: str | Path, is_trainable: bool = False, adapter_name: str = "default"
+) -> PeftModel:
     """Attach a saved LoRA adapter (PEFT safetensors) to `base_model`; refuse one made for another base model.
 
-    The shapes decide whether an adapter fits: the base model's name in the adapter config is only
-    compared for a warning, since a local folder and a Hub id can name the same model.
+    A `base_model` that is already a PeftModel gets one more adapter, under `adapter_name` (inactive until
+    `set_adapter`). The shapes decide whether an adapter fits: the base model's name in the adapter config is
+    only compared for a warning, since a local folder and a Hub id can name the same model.
     """
     check_adapter_folder(adapter_dir)
     expected_base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     try:
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+        if isinstance(base_model, PeftModel):
+            base_model.load_adapter(str(adapter_dir), adapter_name, is_trainable=is_trainable)
+            model = base_model
+        else:
+            model = PeftModel.from_pretrained(
+                base_model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable
+            )
     except (RuntimeError, ValueError) as error:
         if not _adapter_does_not_fit(error):
             raise

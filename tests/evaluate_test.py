@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
-from conftest import load_script, run_script, save_tiny_model
+from conftest import ROOT, load_script, run_script, save_tiny_model
 from peft import LoraConfig, get_peft_model
 from rouge_score import rouge_scorer
 from safetensors.torch import load_file
@@ -17,7 +22,7 @@ from transformers import Qwen2ForCausalLM
 from lora_summarization import data
 from lora_summarization.model_card import NOT_EVALUATED
 
-METRICS = ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
+METRICS = ("loss", "content_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def evaluate(tiny_model_dir, adapter_dir, data_dir, output_dir, *flags):
     return run_script(
         "evaluate.py",
         *("--model", tiny_model_dir, "--adapter", adapter_dir, "--data-dir", data_dir, "--output-dir", output_dir),
-        *("--max-new-tokens", "24", *flags),
+        *("--max-new-tokens", "24", "--no-published-loss", *flags),
     )
 
 
@@ -66,8 +71,10 @@ def test_adapter_beats_base_with_intervals_reported(first_run, data_dir, adapter
     test_records = data.read_records(data_dir / data.TEST_FILE)
     assert results["n"] == len(test_records)
     base, fine_tuned = results["base"], results["fine_tuned"]
-    assert fine_tuned["loss"] < base["loss"]
+    assert fine_tuned["loss"] < base["loss"] and fine_tuned["content_loss"] < base["content_loss"]
     assert fine_tuned["rougeL"] > base["rougeL"]
+    assert results["models"] == {"base": base, "fine_tuned": fine_tuned} and "published_recipe_loss" not in base
+    assert results["comparisons"] == [{"model": "fine_tuned", "against": "base", "difference": results["difference"]}]
     assert base["perplexity"] == pytest.approx(math.exp(base["loss"]))
     for metric in METRICS:
         difference = results["difference"][metric]
@@ -82,11 +89,11 @@ def test_adapter_beats_base_with_intervals_reported(first_run, data_dir, adapter
     assert [line["id"] for line in predictions] == [record["id"] for record in test_records]
     first = predictions[0]
     assert first["reference"] == test_records[0]["summary"] and first["dialogue"] == test_records[0]["dialogue"]
-    assert set(first["fine_tuned"]) == {"prediction", "loss", *METRICS[1:]}
+    assert set(first["fine_tuned"]) == {"prediction", *METRICS}
     assert not any(line["fine_tuned"]["prediction"].startswith("Summary:") for line in predictions)
 
     assert (output_dir / "evaluation_chart.png").read_bytes().startswith(b"\x89PNG")
-    assert "95% interval" in result.stdout and "ROUGE-Lsum" in result.stdout
+    assert "95% interval" in result.stdout and "ROUGE-Lsum" in result.stdout and "content loss" in result.stdout
     card = (adapter_with_card / "README.md").read_text(encoding="utf-8")
     training_part = (trained_adapter_dir / "README.md").read_text(encoding="utf-8").split("## Evaluation")[0]
     assert card.startswith(training_part) and NOT_EVALUATED not in card
@@ -112,7 +119,7 @@ def test_no_generate_scores_the_loss_only(
     )
     assert code == 0, err
     results = json.loads((tmp_path / "evaluation_results.json").read_text())
-    assert results["n"] == 3 and list(results["difference"]) == ["loss"]
+    assert results["n"] == 3 and list(results["difference"]) == ["loss", "content_loss"]
     assert "prediction" not in read_predictions(tmp_path)[0]["base"]
 
 
@@ -185,3 +192,135 @@ def test_adapter_for_another_base_model_is_refused(
     flags = ("--model", tiny_model_dir, "--adapter", tmp_path / "adapter", "--data-dir", data_dir, "--no-generate")
     message = refusal(evaluate_script, capsys, *flags)
     assert "does not fit" in message and f"made for {other_base}" in message
+
+
+def test_adapter_none_and_folders_together_is_refused(evaluate_script, capsys, trained_adapter_dir, data_dir):
+    message = refusal(evaluate_script, capsys, "--adapter", "none", trained_adapter_dir, "--data-dir", data_dir)
+    assert "--adapter none scores --model alone" in message
+
+
+def evaluate_in_process(evaluate_script, capsys, tiny_model_dir, adapter, data_dir, output_dir, *flags):
+    return run_in_process(
+        evaluate_script,
+        capsys,
+        *("--model", tiny_model_dir, "--adapter", adapter, "--data-dir", data_dir, "--output-dir", output_dir),
+        *flags,
+    )
+
+
+@pytest.fixture
+def adapter_copy(tmp_path, trained_adapter_dir):
+    """A copy of the trained adapter (evaluation writes to its model card) with its training summary."""
+    return shutil.copytree(trained_adapter_dir, tmp_path / "adapter", ignore=shutil.ignore_patterns("checkpoints"))
+
+
+def test_published_recipe_loss_is_reported_per_model_as_a_reconstruction(
+    evaluate_script, capsys, tmp_path, tiny_model_dir, adapter_copy, data_dir
+):
+    flags = ("--no-generate", "--max-examples", "2")
+    code, out, err = evaluate_in_process(
+        evaluate_script, capsys, tiny_model_dir, adapter_copy, data_dir, tmp_path, *flags
+    )
+    assert code == 0, err
+    results = json.loads((tmp_path / "evaluation_results.json").read_text())
+    lines = read_predictions(tmp_path)
+    for name in ("base", "fine_tuned"):
+        published = results["models"][name]["published_recipe_loss"]
+        assert published == pytest.approx(sum(line[name]["published_recipe_loss"] for line in lines) / 2)
+        assert published != results["models"][name]["loss"]
+    assert "published_recipe_loss" not in results["difference"]  # reported, never bootstrapped as a target
+    assert "published-recipe loss*" in out and "not a metric to optimise" in out
+
+
+@pytest.mark.parametrize(
+    ("patched", "expected"),
+    [
+        ("lora_summarization.training.summed_example_losses", "in the loss pass of base on a batch of 3 examples x "),
+        ("peft.PeftModelForCausalLM.generate", "in the generation pass of base on a batch of 3 examples x "),
+    ],
+)
+def test_out_of_memory_ends_with_one_line_naming_pass_batch_and_remedy(
+    evaluate_script, capsys, monkeypatch, tmp_path, tiny_model_dir, adapter_copy, data_dir, patched, expected
+):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(patched, out_of_memory)
+    flags = ("--max-examples", "3", "--no-published-loss")
+    code, _, err = evaluate_in_process(
+        evaluate_script, capsys, tiny_model_dir, adapter_copy, data_dir, tmp_path, *flags
+    )
+    assert code == 1
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"error: evaluate.py ran out of memory {expected}")
+    assert message.endswith("tokens; pass a smaller --batch-size (now 16), or --precision bf16 on GPUs that support it")
+    assert "Traceback" not in err and not (tmp_path / "evaluation_results.json").exists()
+
+
+def test_system_prompt_and_max_length_follow_the_adapters_training(
+    evaluate_script, capsys, tmp_path, tiny_model_dir, adapter_copy, data_dir
+):
+    summary_path = adapter_copy / "training_summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["settings"].update(system_prompt="Be brief.", max_length=300)
+    summary_path.write_text(json.dumps(summary))
+    flags = ("--no-generate", "--no-published-loss", "--max-examples", "2")
+
+    def run(output_dir, *more):
+        code, _, err = evaluate_in_process(
+            evaluate_script, capsys, tiny_model_dir, adapter_copy, data_dir, output_dir, *flags, *more
+        )
+        assert code == 0, err
+        return json.loads((output_dir / "evaluation_results.json").read_text())
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*differs from")
+        followed = run(tmp_path / "followed")
+    assert (followed["settings"]["system_prompt"], followed["settings"]["max_length"]) == ("Be brief.", 300)
+    explicit = run(tmp_path / "explicit", "--system-prompt", "Be brief.", "--max-length", "300")
+    assert explicit["models"] == followed["models"]  # the same prompts as when asked for explicitly
+    with pytest.warns(UserWarning, match="--system-prompt 'Be thorough.' differs from 'Be brief.'"):
+        overridden = run(tmp_path / "overridden", "--system-prompt", "Be thorough.")
+    assert overridden["settings"]["system_prompt"] == "Be thorough."
+    assert overridden["models"]["base"]["loss"] != followed["models"]["base"]["loss"]
+
+
+def test_bf16_evaluation_runs_end_to_end_on_the_cpu(
+    evaluate_script, capsys, tmp_path, tiny_model_dir, adapter_copy, data_dir
+):
+    flags = ("--precision", "bf16", "--max-examples", "3", "--max-new-tokens", "8")
+    code, _, err = evaluate_in_process(
+        evaluate_script, capsys, tiny_model_dir, adapter_copy, data_dir, tmp_path, *flags
+    )
+    assert code == 0, err
+    results = json.loads((tmp_path / "evaluation_results.json").read_text())
+    for summary in results["models"].values():
+        assert all(math.isfinite(summary[key]) for key in ("loss", "content_loss", "published_recipe_loss"))
+    assert all(isinstance(line["fine_tuned"]["prediction"], str) for line in read_predictions(tmp_path))
+
+
+def test_ctrl_c_during_generation_exits_130_with_one_line_and_no_results(
+    tmp_path, tiny_model_dir, adapter_copy, data_dir
+):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(adapter_copy),
+    ]
+    command += ["--data-dir", str(data_dir), "--output-dir", str(tmp_path), "--batch-size", "1", "--no-published-loss"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = b""
+    while b"generate" not in stderr:  # tqdm names the pass before its first batch
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, stderr.decode()[-2000:]
+        stderr += chunk
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    stderr = (stderr + rest).decode()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("interrupted")
+    assert not (tmp_path / "evaluation_results.json").exists()

@@ -9,16 +9,22 @@ import numpy as np
 import pytest
 import torch
 from rouge_score import rouge_scorer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from lora_summarization import data
+from lora_summarization.cli import UsageError
 from lora_summarization.evaluation import (
+    comparison_plan,
     encode_test_set,
+    follow_training,
     generate_summaries,
+    greedy_generation_config,
     length_sorted_batches,
+    loss_scores,
     paired_bootstrap,
-    response_losses,
+    published_recipe_losses,
     rouge_scores,
+    save_generation_config,
     score_model,
     split_sentences,
 )
@@ -109,12 +115,35 @@ def test_length_sorted_batches_partition_the_indices_longest_first():
     assert flat == sorted(lengths, reverse=True)
 
 
-def test_response_loss_equals_the_models_own_loss_per_example(tiny_model, tiny_tokenizer, test_set):
-    losses, label_tokens = response_losses(tiny_model, tiny_tokenizer, test_set.examples, batch_size=4)
+def test_response_and_content_losses_equal_the_models_own_loss_per_example(tiny_model, tiny_tokenizer, test_set):
+    scores = loss_scores(tiny_model, tiny_tokenizer, test_set.examples, batch_size=4)
     for index, example in enumerate(test_set.examples):
-        full = tiny_model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
-        assert losses[index] == pytest.approx(full.loss.item(), rel=1e-5)
-        assert label_tokens[index] == example.num_label_tokens
+        input_ids = torch.tensor([example.input_ids])
+        response = tiny_model(input_ids=input_ids, labels=torch.tensor([example.labels])).loss
+        content = tiny_model(input_ids=input_ids, labels=torch.tensor([example.content_labels])).loss
+        assert scores.losses[index] == pytest.approx(response.item(), rel=1e-5)
+        assert scores.content_losses[index] == pytest.approx(content.item(), rel=1e-5)
+        assert scores.label_tokens[index] == example.num_label_tokens
+        assert scores.content_tokens[index] == example.num_content_tokens < example.num_label_tokens
+    summary = scores.summary()
+    assert summary["content_loss"] == pytest.approx(
+        np.sum(scores.content_losses * scores.content_tokens) / scores.content_tokens.sum()
+    )
+
+
+def test_published_recipe_loss_is_the_plain_mean_over_512_padded_positions(tiny_model, tiny_tokenizer, test_set):
+    examples = test_set.examples[:3]  # full logits over the whole vocabulary at 512 positions are costly
+    ours = published_recipe_losses(tiny_model, tiny_tokenizer, examples, batch_size=2)
+    pad = tiny_tokenizer.pad_token_id
+    input_ids = torch.full((len(examples), 512), pad)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention_mask[row, : len(example.input_ids)] = 1
+    with torch.no_grad():  # the published way: full logits, labels = input ids, one mean over every position
+        expected = tiny_model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.item()
+    assert ours.mean() == pytest.approx(expected, abs=1e-5)
+    assert ours.min() != ours.max()  # per example, not one number repeated
 
 
 def test_generation_is_greedy_despite_the_models_sampling_config(tmp_path, tiny_model_dir, tiny_tokenizer, test_set):
@@ -149,4 +178,47 @@ def test_base_with_the_adapter_disabled_scores_as_the_plain_base_model(
     assert disabled.predictions == plain.predictions
     for name in plain.rouge:
         np.testing.assert_array_equal(disabled.rouge[name], plain.rouge[name])
-    assert enabled.corpus_loss < plain.corpus_loss
+    assert enabled.summary()["loss"] < plain.summary()["loss"]
+
+
+def test_saved_generation_config_is_the_greedy_one_generation_uses(tmp_path, tiny_tokenizer):
+    path = save_generation_config(tmp_path, tiny_tokenizer, max_new_tokens=40)
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved["do_sample"] is False and saved["repetition_penalty"] == 1.0 and saved["max_new_tokens"] == 40
+    assert saved["eos_token_id"] == tiny_tokenizer.eos_token_id
+    loaded = GenerationConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == greedy_generation_config(tiny_tokenizer, 40).to_dict()
+
+
+def test_comparison_plan_is_every_model_against_the_base_and_the_first_adapter():
+    assert comparison_plan(["base", "a", "b", "c"], "base") == [
+        ("a", "base"),
+        ("b", "base"),
+        ("c", "base"),
+        ("b", "a"),
+        ("c", "a"),
+    ]
+    assert comparison_plan(["base", "fine_tuned"], "base") == [("fine_tuned", "base")]
+    assert comparison_plan(["model"], "base") == []
+    assert comparison_plan(["x/fine_tuned", "y/fine_tuned"], "base") == [("y/fine_tuned", "x/fine_tuned")]
+
+
+def write_training_summary(folder, **settings):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "training_summary.json").write_text(json.dumps({"settings": {"lr": 1, **settings}}), encoding="utf-8")
+    return str(folder)
+
+
+def test_settings_follow_training_unless_given(tmp_path):
+    brief = write_training_summary(tmp_path / "brief", system_prompt="Be brief.", max_length=256)
+    plain = write_training_summary(tmp_path / "plain", system_prompt=None, max_length=256)
+    unknown = str(tmp_path / "no-summary")
+    nothing_given = {"system_prompt": None, "max_length": None}
+    assert follow_training([brief, unknown], nothing_given) == {"system_prompt": "Be brief.", "max_length": 256}
+    assert follow_training([unknown], nothing_given) == {"system_prompt": None, "max_length": 512}
+    with pytest.warns(UserWarning, match="--max-length 128 differs from 256"):
+        assert follow_training([brief], {"max_length": 128}) == {"max_length": 128}
+    with pytest.raises(UsageError, match="different --system-prompt .*pass --system-prompt"):
+        follow_training([brief, plain], nothing_given)
+    both = follow_training([brief, plain], {"system_prompt": "Be brief.", "max_length": None})
+    assert both == {"system_prompt": "Be brief.", "max_length": 256}

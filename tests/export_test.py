@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, save_tiny_model
+from conftest import ROOT, load_script, save_tiny_model
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from lora_summarization import export, modeling
 from lora_summarization.cli import run_stage
 
+GREEDY_AS_EVALUATED = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 128}
 DIALOGUE = "Anna: Are we still on for lunch?\nBen: Yes, 12:30 at the usual place.\nAnna: See you there!"
 
 
@@ -77,6 +78,8 @@ def test_merged_model_is_plain_safetensors_with_the_adapter_models_logits(
     assert saved_dtypes(out) == {dtype}
     settings = json.loads((out / export.EXPORT_SETTINGS_FILE).read_text(encoding="utf-8"))
     assert (settings["trained_on"], settings["precision"]) == (str(tiny_model_dir), precision)
+    generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
+    assert generation == {**generation, **GREEDY_AS_EVALUATED}  # not the base model's sampling settings
 
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -110,3 +113,48 @@ def test_adapter_for_another_base_is_a_usage_error(capsys, tmp_path, tokenizer, 
         and f"made for {tiny_model_dir}: pass --model with that model" in message
     )
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.fixture(scope="module")
+def evaluate_script():
+    return load_script("evaluate.py")
+
+
+def evaluate(evaluate_script, model, adapter, data_dir, output_dir) -> tuple[dict, list[dict]]:
+    flags = ("--model", model, "--adapter", adapter, "--data-dir", data_dir, "--output-dir", output_dir)
+    more = ("--max-examples", "6", "--max-new-tokens", "12", "--no-published-loss")
+    code = run_stage(evaluate_script.main, evaluate_script.EvalConfig, [str(arg) for arg in (*flags, *more)])
+    assert code == 0
+    results = json.loads((output_dir / "evaluation_results.json").read_text(encoding="utf-8"))
+    lines = (output_dir / "evaluation_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    return results, [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def adapter_evaluation(evaluate_script, tmp_path_factory, tiny_model_dir, adapter_dir, data_dir):
+    return evaluate(evaluate_script, tiny_model_dir, adapter_dir, data_dir, tmp_path_factory.mktemp("with-adapter"))
+
+
+BF16_LOSS_TOLERANCE = 0.02  # nats per token; the bf16 merge measured 0.004 from the adapter on the tiny model
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-4), ("bf16", BF16_LOSS_TOLERANCE)])
+def test_merged_model_evaluated_alone_scores_as_the_adapter(
+    evaluate_script, capsys, tmp_path, tiny_model_dir, adapter_dir, data_dir, adapter_evaluation, precision, tolerance
+):
+    merged = tmp_path / "merged"
+    code, err = run_export(
+        capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, "--output-dir", merged, "--precision", precision
+    )
+    assert code == 0, err
+    results, lines = evaluate(evaluate_script, merged, "none", data_dir, tmp_path / "evaluation")
+    assert list(results["models"]) == ["model"] and results["comparisons"] == [] and "difference" not in results
+    with_adapter, adapter_lines = adapter_evaluation
+    for loss in ("loss", "content_loss"):
+        assert results["models"]["model"][loss] == pytest.approx(with_adapter["fine_tuned"][loss], abs=tolerance)
+    # The adapter moves the loss by far more than the tolerance, so a merge that dropped it would fail above.
+    assert abs(with_adapter["fine_tuned"]["loss"] - with_adapter["base"]["loss"]) > 5 * BF16_LOSS_TOLERANCE
+    if precision == "fp32":
+        assert [line["model"]["prediction"] for line in lines] == [
+            line["fine_tuned"]["prediction"] for line in adapter_lines
+        ]

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 
 from lora_summarization import modeling
-from lora_summarization.evaluation import ROUGE_TYPES, ModelScores, compare_models
+from lora_summarization.evaluation import ROUGE_TYPES, ModelScores, compare_models, save_generation_config
 from lora_summarization.model_card import CARD_FILE, NOT_EVALUATED, add_evaluation, write_model_card
 from lora_summarization.prompts import INSTRUCTION
 
@@ -51,8 +51,9 @@ def results(gain: float = 0.2, rouge: bool = True) -> dict:
     """What evaluate.py writes, built with evaluation's own types: two examples, constant differences."""
     base_rouge = {name: np.array([0.3, 0.4]) for name in ROUGE_TYPES} if rouge else None
     tuned_rouge = {name: scores + gain for name, scores in base_rouge.items()} if rouge else None
-    base = ModelScores(np.array([2.0, 3.0]), np.array([10, 30]), rouge=base_rouge)
-    tuned = ModelScores(np.array([1.0, 2.0]), np.array([10, 30]), rouge=tuned_rouge)
+    tokens, content_tokens = np.array([10, 30]), np.array([8, 24])
+    base = ModelScores(np.array([2.0, 3.0]), tokens, np.array([2.5, 3.5]), content_tokens, rouge=base_rouge)
+    tuned = ModelScores(np.array([1.0, 2.0]), tokens, np.array([0.5, 1.5]), content_tokens, rouge=tuned_rouge)
     differences = compare_models(base, tuned, samples=50, seed=0)
     return {"n": 2, "base": base.summary(), "fine_tuned": tuned.summary(), "difference": differences}
 
@@ -97,6 +98,7 @@ def test_card_shows_the_training_numbers_every_setting_and_no_evaluation_yet(tmp
     for key, value in SETTINGS.items():
         assert f"| `--{key.replace('_', '-')}` | `{value}` |" in training
     assert "262 dialogues were shortened" in section(text, "Data")
+    assert "the `Summary:` prefix, the summary and the closing `<|im_end|>` token" in section(text, "Data")
     assert section(text, "Evaluation").strip() == NOT_EVALUATED
 
 
@@ -109,16 +111,20 @@ def adapter_dir(tiny_model_dir, tokenizer, tmp_path):
     return folder
 
 
-def test_the_cards_usage_code_loads_the_adapter_and_builds_the_training_prompt(adapter_dir, tiny_model_dir, capsys):
+def test_the_cards_usage_code_loads_the_adapter_and_decodes_as_evaluated(
+    adapter_dir, tiny_model_dir, tokenizer, capsys
+):
+    save_generation_config(adapter_dir, tokenizer, max_new_tokens=2)  # train.py saves it beside the adapter
     summary = {**SUMMARY, "settings": {**SETTINGS, "model": str(tiny_model_dir), "system_prompt": "Be brief."}}
     text = card_text(write_model_card(adapter_dir, summary).parent)
     (code,) = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
-    assert "max_new_tokens=64" in code
     namespace = {}
-    exec(code.replace("max_new_tokens=64", "max_new_tokens=2"), namespace)  # as pasted, on the tiny model, shorter
+    exec(code, namespace)  # as pasted, on the tiny model
     assert isinstance(namespace["model"], PeftModel)
     prompt = namespace["tokenizer"].decode(namespace["inputs"]["input_ids"][0])
     assert "Be brief." in prompt and INSTRUCTION + namespace["dialogue"] in prompt
+    used = namespace["generation_config"]
+    assert (used.do_sample, used.repetition_penalty, used.max_new_tokens) == (False, 1.0, 2)
     assert capsys.readouterr().out  # it printed the generated answer
 
 
@@ -131,6 +137,7 @@ def test_add_evaluation_replaces_the_section_once_and_keeps_the_rest(tmp_path):
     evaluation = section(after, "Evaluation")
     assert "On 2 test examples" in evaluation
     assert "| loss | 2.7500 | 1.7500 | -1.0000 [-1.0000, -1.0000] | 0.0% | 100.0% |" in evaluation
+    assert "| content loss | 3.2500 | 1.2500 | -2.0000 [-2.0000, -2.0000] | 0.0% | 100.0% |" in evaluation
     assert "| ROUGE-1 | 35.0000 | 55.0000 | +20.0000 [+20.0000, +20.0000] | 0.0% | 100.0% |" in evaluation
     assert "45.0000" not in after and NOT_EVALUATED not in after  # the first run's fine-tuned ROUGE is gone
     outside = re.compile(r"^## Evaluation\n.*?(?=^## )", re.MULTILINE | re.DOTALL)
@@ -141,7 +148,8 @@ def test_add_evaluation_without_generation_shows_only_the_loss(tmp_path):
     write_model_card(tmp_path, SUMMARY)
     evaluation = section(card_text(add_evaluation(tmp_path, results(rouge=False)).parent), "Evaluation")
     assert [row for row in evaluation.splitlines() if row.startswith("| ") and "metric" not in row] == [
-        "| loss | 2.7500 | 1.7500 | -1.0000 [-1.0000, -1.0000] | 0.0% | 100.0% |"
+        "| loss | 2.7500 | 1.7500 | -1.0000 [-1.0000, -1.0000] | 0.0% | 100.0% |",
+        "| content loss | 3.2500 | 1.2500 | -2.0000 [-2.0000, -2.0000] | 0.0% | 100.0% |",
     ]
     assert "ROUGE" not in evaluation
 

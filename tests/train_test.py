@@ -59,6 +59,8 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter(trained_adapter_dir)
     assert not list(trained_adapter_dir.glob("*.bin"))
     assert (trained_adapter_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_adapter_dir / "tokenizer_config.json").exists()
+    decoding = json.loads((trained_adapter_dir / "generation_config.json").read_text())
+    assert decoding["do_sample"] is False and decoding.get("repetition_penalty", 1.0) == 1.0  # what evaluate.py scores
     card = (trained_adapter_dir / "README.md").read_text(encoding="utf-8")
     assert "library_name: peft" in card and NOT_EVALUATED in card and "| `--learning-rate` | `0.01` |" in card
     assert run_folder.FINAL_STAGING not in card and not (trained_adapter_dir / run_folder.FINAL_STAGING).exists()
