@@ -101,8 +101,7 @@ def main(config: UnitTestConfig) -> int:
         return smoke_test(config)
 
 
-def load_examples(config: UnitTestConfig, tokenizer):
-    records = data.read_records(Path(config.data_dir) / data.UNIT_TEST_FILE)
+def encode_split(config: UnitTestConfig, records: list[dict], tokenizer):
     train_records, held_out_records = split_records(records, config.held_out_fraction, config.seed)
     train = encode_records(tokenizer, train_records, config.max_length, config.system_prompt)
     held_out = encode_records(tokenizer, held_out_records, config.max_length, config.system_prompt)
@@ -125,8 +124,9 @@ def train_and_measure(config: UnitTestConfig, trainer) -> dict:
 
 def smoke_test(config: UnitTestConfig) -> int:
     started = time.perf_counter()
+    records = data.read_records(Path(config.data_dir) / data.UNIT_TEST_FILE)  # before anything is downloaded
     tokenizer = modeling.load_tokenizer(config.model)
-    train, held_out = load_examples(config, tokenizer)
+    train, held_out = encode_split(config, records, tokenizer)
     base = modeling.load_base_model(config.model, modeling.configure_precision(config.precision))
     set_seed(config.seed)
     model = modeling.apply_lora(base)

@@ -112,13 +112,17 @@ def samsum_dir(tmp_path_factory) -> Path:
     return write_samsum_csvs(tmp_path_factory.mktemp("samsum"))
 
 
+def script_env() -> dict[str, str]:
+    """The environment of a script run as a user would run it here: offline, the project importable."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+
+
 def run_script(script: str, *args, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a stage script as a user would, offline, and capture its output."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=cwd or ROOT,
-        env=env,
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

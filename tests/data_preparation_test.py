@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import QWEN_DIR, ROOT, requires_qwen_tokenizer, run_script
+from conftest import QWEN_DIR, ROOT, requires_qwen_tokenizer, run_script, script_env
 from transformers import AutoTokenizer
 
 import data_preparation
@@ -278,7 +278,7 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_the_data_folder_as_it_was(tmp
     process = subprocess.Popen(
         [*command, "--no-token-stats", *SMALL],
         cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        env=script_env(),
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT, load_script, run_script, save_tiny_model
+from conftest import ROOT, load_script, run_script, save_tiny_model, script_env
 from peft import LoraConfig, get_peft_model
 from rouge_score import rouge_scorer
 from safetensors.torch import load_file
@@ -285,24 +285,10 @@ def test_system_prompt_and_max_length_follow_the_adapters_training(
     assert overridden["models"]["base"]["loss"] != followed["models"]["base"]["loss"]
 
 
-def test_bf16_evaluation_runs_end_to_end_on_the_cpu(
-    evaluate_script, capsys, tmp_path, tiny_model_dir, adapter_copy, data_dir
-):
-    flags = ("--precision", "bf16", "--max-examples", "3", "--max-new-tokens", "8")
-    code, _, err = evaluate_in_process(
-        evaluate_script, capsys, tiny_model_dir, adapter_copy, data_dir, tmp_path, *flags
-    )
-    assert code == 0, err
-    results = json.loads((tmp_path / "evaluation_results.json").read_text())
-    for summary in results["models"].values():
-        assert all(math.isfinite(summary[key]) for key in ("loss", "content_loss", "published_recipe_loss"))
-    assert all(isinstance(line["fine_tuned"]["prediction"], str) for line in read_predictions(tmp_path))
-
-
 def test_ctrl_c_during_generation_exits_130_with_one_line_and_no_results(
     tmp_path, tiny_model_dir, adapter_copy, data_dir
 ):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    env = script_env()
     command = [
         sys.executable,
         str(ROOT / "evaluate.py"),

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, load_script, save_tiny_model
+from conftest import load_script, save_tiny_model, script_env
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -91,7 +90,7 @@ def test_merged_model_is_plain_safetensors_with_the_adapter_models_logits(
 
 def test_missing_adapter_exits_2_with_one_line_from_the_command_line(tmp_path, tiny_model_dir):
     missing, out = tmp_path / "no_adapter", tmp_path / "merged"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = script_env()
     args = ["--model", tiny_model_dir, "--adapter", missing, "--output-dir", out]
     command = [sys.executable, "-m", "lora_summarization.export", *map(str, args)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

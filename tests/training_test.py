@@ -5,7 +5,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from lora_summarization import training
-from lora_summarization.evaluation import response_losses
+from lora_summarization.evaluation import loss_scores
 from lora_summarization.modeling import apply_lora
 from lora_summarization.prompts import encode_example
 from lora_summarization.synthetic import make_examples
@@ -124,12 +124,13 @@ def test_validation_loss_is_a_token_weighted_mean_like_evaluate(lora_model, toke
     args = training.core_training_arguments(output_dir=str(tmp_path), per_device_eval_batch_size=2)
     trainer, _ = training.build_trainer(lora_model, tokenizer, examples, examples, args, tmp_path, tensorboard=False)
     metrics = trainer.evaluate()
-    losses, tokens = response_losses(lora_model, tokenizer, examples, batch_size=3)
-    assert metrics["eval_loss"] == pytest.approx(float((losses * tokens).sum() / tokens.sum()), abs=1e-6)
-    assert metrics["eval_loss"] != pytest.approx(float(losses.mean()), abs=1e-3)  # not a mean of means
-    content = training.example_loss_sums(lora_model, examples, tokenizer.pad_token_id, batch_size=5)[1]
-    content_tokens = sum(example.num_content_tokens for example in examples)
-    assert metrics["eval_content_loss"] == pytest.approx(float(content.sum()) / content_tokens, abs=1e-6)
+    scores = loss_scores(lora_model, tokenizer, examples, batch_size=3)  # what evaluate.py reports
+    for key, losses, tokens in [
+        ("eval_loss", scores.losses, scores.label_tokens),
+        ("eval_content_loss", scores.content_losses, scores.content_tokens),
+    ]:
+        assert metrics[key] == pytest.approx(float((losses * tokens).sum() / tokens.sum()), abs=1e-6)
+        assert metrics[key] != pytest.approx(float(losses.mean()), abs=1e-3)  # not a mean of means
 
 
 def test_checkpoint_is_never_left_half_written(lora_model, tokenizer, tmp_path, monkeypatch):
