@@ -259,8 +259,10 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
     return checkpoint
 
 
-def losses(log_history: list[dict], key: str) -> list[float]:
-    return [entry[key] for entry in log_history if key in entry]
+def first_and_last(log_history: list[dict], key: str, name: str) -> dict:
+    """{"first_<name>": ..., "last_<name>": ...} of a logged value (None when never logged)."""
+    values = [entry[key] for entry in log_history if key in entry] or [None]
+    return {f"first_{name}": values[0], f"last_{name}": values[-1]}
 
 
 def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
@@ -292,15 +294,13 @@ def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, p
     save_generation_config(folder, tokenizer)  # the decoding evaluate.py scores, for the card's snippet and serving
     history = trainer.state.log_history
     plot_loss_curve(history, folder / "loss_curve.png")
-    train_losses, eval_losses = losses(history, "loss"), losses(history, "eval_loss")
     summary = {
         **plan,
         "optimizer_steps": trainer.state.global_step,
         **this_run,
-        "first_train_loss": train_losses[0] if train_losses else None,
-        "last_train_loss": train_losses[-1] if train_losses else None,
-        "first_validation_loss": eval_losses[0] if eval_losses else None,
-        "last_validation_loss": eval_losses[-1] if eval_losses else None,
+        **first_and_last(history, "loss", "train_loss"),
+        **first_and_last(history, "eval_loss", "validation_loss"),
+        **first_and_last(history, "eval_content_loss", "validation_content_loss"),
         "settings": config_as_dict(config),
     }
     write_json(folder / "training_summary.json", summary)

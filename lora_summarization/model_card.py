@@ -149,6 +149,11 @@ def training_section(summary: dict, settings: dict) -> str:
             f"{number(summary.get('first_validation_loss'))}, {number(summary.get('last_validation_loss'))}",
         ),
         (
+            "validation content loss (first, last)",
+            f"{number(summary.get('first_validation_content_loss'))}, "
+            f"{number(summary.get('last_validation_content_loss'))}",
+        ),
+        (
             "trainable parameters",
             f"{number(summary.get('trainable_parameters'))} of {number(summary.get('base_parameters'))} ({share})",
         ),

@@ -427,12 +427,13 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+    curves = (("loss", "train"), ("eval_loss", "validation"), ("eval_content_loss", "validation, content only"))
+    for key, label in curves:
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
         if points:
             steps, values = zip(*points, strict=True)
-            axes.plot(steps, values, marker="o" if key == "eval_loss" else None, label=label)
-    axes.set(xlabel="optimizer step", ylabel="loss per summary token", title="LoRA fine-tuning loss")
+            axes.plot(steps, values, marker=None if key == "loss" else "o", label=label)
+    axes.set(xlabel="optimizer step", ylabel="loss per response token", title="LoRA fine-tuning loss")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

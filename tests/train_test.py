@@ -47,6 +47,7 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter(trained_adapter_dir)
     summary = json.loads((trained_adapter_dir / "training_summary.json").read_text())
     assert summary["last_train_loss"] < 0.8 * summary["first_train_loss"]
     assert summary["last_validation_loss"] < summary["first_validation_loss"]
+    assert summary["last_validation_content_loss"] < summary["first_validation_content_loss"]
     assert summary["optimizer_steps"] == 80
     assert summary["tokens_trained_on"] > 80 * 8 * 50
     assert summary["settings"]["lora_r"] == 8 and summary["precision"] == "fp32"
