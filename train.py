@@ -405,17 +405,26 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     started = time.perf_counter()
     with guard.signals_caught(), out_of_memory_reported("train.py", trainer, memory_remedies(config), checkpoint_dir):
         trainer.train(resume_from_checkpoint=checkpoint)
-    if (exit_code := early_stop_exit_code(config, trainer, guard, world_size)) is not None:
-        return exit_code
-    this_run = {
-        "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
-        "runtime_seconds": round(time.perf_counter() - started, 1),
-        "resumed_from": checkpoint,
-        "resume_overrides": overrides,
-    }
-    if trainer.is_world_process_zero():
-        save_outputs(config, trainer, tokenizer, plan, this_run)
-    return 0
+    exit_code = early_stop_exit_code(config, trainer, guard, world_size)
+    if exit_code is None:
+        this_run = {
+            "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
+            "runtime_seconds": round(time.perf_counter() - started, 1),
+            "resumed_from": checkpoint,
+            "resume_overrides": overrides,
+        }
+        if trainer.is_world_process_zero():
+            save_outputs(config, trainer, tokenizer, plan, this_run)
+    end_processes_together(trainer)
+    return exit_code or 0
+
+
+def end_processes_together(trainer) -> None:
+    """Under DDP, wait for rank 0's saving and close the process group: a rank leaving while gloo's threads
+    still serve the others can abort (`terminate called without an active exception`)."""
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
