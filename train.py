@@ -247,8 +247,12 @@ def prepare_output_dir(config: TrainConfig) -> str | None:
     return resume_checkpoint(config)
 
 
+def checkpoints_folder(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / "checkpoints"
+
+
 def resume_checkpoint(config: TrainConfig) -> str | None:
-    checkpoint_dir = Path(config.output_dir) / "checkpoints"
+    checkpoint_dir = checkpoints_folder(config)
     clear_incomplete_checkpoints(checkpoint_dir)
     if not config.resume:
         return None
@@ -354,7 +358,7 @@ def memory_remedies(config: TrainConfig) -> list[str]:
 
 
 def report_divergence(config: TrainConfig, step: int) -> None:
-    checkpoints = Path(config.output_dir) / "checkpoints"
+    checkpoints = checkpoints_folder(config)
     print(
         f"error: the loss became NaN or infinite at optimizer step {step}; training stopped and the last good "
         f"checkpoint (if any) is in {checkpoints}. Lower --learning-rate or use --precision fp32.",
@@ -396,27 +400,42 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     print_plan(plan)
     if config.dry_run:
         return 0
-    modeling.resolve_device()
-    checkpoint_dir = Path(config.output_dir) / "checkpoints"
-    args = training_arguments(config, checkpoint_dir, world_size)
-    tensorboard = "tensorboard" in integrations(config.report_to)
-    trainer, guard = build_trainer(model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard)
-    trainer.checkpoint_json[resume_guard.SETTINGS_FILE] = settings
+    trainer, guard = make_trainer(config, model, tokenizer, train, validation, settings, world_size)
     started = time.perf_counter()
-    with guard.signals_caught(), out_of_memory_reported("train.py", trainer, memory_remedies(config), checkpoint_dir):
-        trainer.train(resume_from_checkpoint=checkpoint)
+    train_until_done_or_stopped(config, trainer, guard, checkpoint)
     exit_code = early_stop_exit_code(config, trainer, guard, world_size)
     if exit_code is None:
-        this_run = {
-            "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
-            "runtime_seconds": round(time.perf_counter() - started, 1),
-            "resumed_from": checkpoint,
-            "resume_overrides": overrides,
-        }
+        this_run = run_facts(trainer, started, checkpoint, overrides)
         if trainer.is_world_process_zero():
             save_outputs(config, trainer, tokenizer, plan, this_run)
     end_processes_together(trainer)
     return exit_code or 0
+
+
+def make_trainer(config: TrainConfig, model, tokenizer, train, validation, settings: dict, world_size: int):
+    modeling.resolve_device()
+    args = training_arguments(config, checkpoints_folder(config), world_size)
+    tensorboard = "tensorboard" in integrations(config.report_to)
+    trainer, guard = build_trainer(model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard)
+    trainer.checkpoint_json[resume_guard.SETTINGS_FILE] = settings
+    return trainer, guard
+
+
+def train_until_done_or_stopped(config: TrainConfig, trainer, guard, checkpoint: str | None) -> None:
+    """Train to the last step, or to the step where a NaN or a signal stopped every process; OOM is one line."""
+    remedies = memory_remedies(config)
+    with guard.signals_caught(), out_of_memory_reported("train.py", trainer, remedies, checkpoints_folder(config)):
+        trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def run_facts(trainer, started: float, checkpoint: str | None, overrides: list[str]) -> dict:
+    """What this run (since a resume) did; every process must call it (the token count is summed over them)."""
+    return {
+        "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
+        "runtime_seconds": round(time.perf_counter() - started, 1),
+        "resumed_from": checkpoint,
+        "resume_overrides": overrides,
+    }
 
 
 def end_processes_together(trainer) -> None:
