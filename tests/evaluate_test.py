@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -304,6 +305,9 @@ def test_ctrl_c_during_generation_exits_130_with_one_line_and_no_results(
         chunk = os.read(process.stderr.fileno(), 4096)
         assert chunk, stderr.decode()[-2000:]
         stderr += chunk
+    time.sleep(
+        0.5
+    )  # into the generation, past the bar's own set-up (an interrupt inside tqdm's __init__ leaves it open)
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=120)
     stderr = (stderr + rest).decode()
