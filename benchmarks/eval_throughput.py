@@ -56,7 +56,7 @@ def samsum_like_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
 def seconds_to_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> float:
     workload.synchronize(model.device)
     started = time.perf_counter()
-    evaluation.generate_summaries(model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"batch {batch_size}")
+    evaluation.generate_summaries(model, tokenizer, prompts, max_new_tokens, batch_size, name=f"batch {batch_size}")
     workload.synchronize(model.device)
     return time.perf_counter() - started
 
