@@ -9,7 +9,7 @@ The 1.5B run takes ~20 min on 2 CPU cores and ~18 GB of RAM; in fp32 its longest
 would need ~35 GB, so use micro-batch 1 or 2 on a CPU.
 
 The project's step is the real code path: optimizer steps drawn from one length-grouped epoch over a
-SAMSum-shaped synthetic training set (EpochSeededLengthGroupedSampler), each micro-batch right-padded to
+SAMSum-shaped synthetic training set (LengthGroupedEpochSampler), each micro-batch right-padded to
 its own longest example (ResponseCollator), the LM head only on labelled positions (model_hidden_states +
 response_token_losses), the loss normalised over the label tokens of the accumulated batch.
 The baseline is written the published way: every example padded to 512, the loss over every non-pad
