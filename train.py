@@ -280,16 +280,17 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: 
     except OSError as error:
         if not is_disk_full(error):
             raise
-        raise final_save_disk_full(output_dir, staging) from error
+        raise final_save_disk_full(config, staging) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")
 
 
-def final_save_disk_full(output_dir: Path, staging: Path) -> DiskFull:
-    latest = latest_checkpoint(output_dir / "checkpoints")
+def final_save_disk_full(config: TrainConfig, staging: Path) -> DiskFull:
+    latest = latest_checkpoint(checkpoints_folder(config))
     adapter = folder_size(Path(latest) / modeling.ADAPTER_WEIGHTS_FILE) if latest else 0
-    return DiskFull(output_dir, "the adapter", max(folder_size(staging), adapter), RESUME_AFTER_FREEING_SPACE)
+    needed = max(folder_size(staging), adapter)
+    return DiskFull(config.output_dir, "the adapter", needed, RESUME_AFTER_FREEING_SPACE)
 
 
 def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:

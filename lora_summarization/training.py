@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
@@ -36,12 +35,15 @@ def encode_records(tokenizer, records: list[dict], max_length: int, system_promp
 
 
 def as_features(examples: list[EncodedExample]) -> list[dict]:
-    return [{"input_ids": ex.input_ids, "labels": ex.labels, "content_labels": ex.content_labels} for ex in examples]
+    return [{"input_ids": ex.input_ids, "labels": ex.labels, "content_start": ex.content_start} for ex in examples]
 
 
 @dataclass
 class ResponseCollator:
-    """Right-pads a batch to its own longest example; labels were made before padding and pad with -100."""
+    """Right-pads a batch to its own longest example; labels were made before padding and pad with -100.
+
+    `content_start` (per example) is where the content labels begin, for the content loss of evaluation.
+    """
 
     pad_token_id: int
 
@@ -49,19 +51,17 @@ class ResponseCollator:
         longest = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        content_labels = labels.clone()
         attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
         for row, feature in enumerate(features):
             length = len(feature["input_ids"])
             input_ids[row, :length] = torch.tensor(feature["input_ids"])
             labels[row, :length] = torch.tensor(feature["labels"])
-            content_labels[row, :length] = torch.tensor(feature["content_labels"])
             attention_mask[row, :length] = 1
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "content_labels": content_labels,
+            "content_start": torch.tensor([feature["content_start"] for feature in features]),
         }
 
 
@@ -84,7 +84,8 @@ def summed_example_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor
     token_losses = response_token_losses(model_hidden_states(model, batch), labels, model.get_output_embeddings())
     keep = labels[:, 1:] != IGNORE_INDEX
     rows = keep.nonzero()[:, 0]
-    is_content = (batch["content_labels"][:, 1:] != IGNORE_INDEX)[keep]
+    predicted_positions = torch.arange(1, labels.shape[1], device=labels.device)
+    is_content = (predicted_positions >= batch["content_start"][:, None])[keep]
     sums = torch.zeros((2, len(labels)), device=labels.device)
     sums[0].index_add_(0, rows, token_losses)
     sums[1].index_add_(0, rows[is_content], token_losses[is_content])
@@ -98,14 +99,12 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 @torch.inference_mode()
-def example_loss_sums(
-    model, examples: list[EncodedExample], pad_token_id: int, batch_size: int, desc: str | None = None
-) -> torch.Tensor:
+def example_loss_sums(model, examples: list[EncodedExample], pad_token_id: int, batch_size: int) -> torch.Tensor:
     """`summed_example_losses` for every example, in order, on the CPU: shape (2, len(examples))."""
     collate = ResponseCollator(pad_token_id)
     sums = torch.zeros((2, len(examples)), dtype=torch.float64)
     batches = length_sorted_batches([len(example.input_ids) for example in examples], batch_size)
-    for indices in tqdm(batches, desc=desc, disable=desc is None):
+    for indices in batches:
         batch = collate(as_features([examples[i] for i in indices]))
         batch = {key: value.to(model.device) for key, value in batch.items()}
         sums[:, indices] = summed_example_losses(model, batch).double().cpu()
