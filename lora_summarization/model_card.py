@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 from .cli import write_atomic
-from .evaluation import METRIC_NAMES
+from .evaluation import METRIC_NAMES, scale_and_digits
 from .prompts import INSTRUCTION
 
 CARD_FILE = "README.md"
@@ -209,7 +209,7 @@ def write_model_card(output_dir: str | Path, training_summary: dict, staging_dir
 
 def metric_row(name: str, base: dict, tuned: dict, difference: dict) -> tuple[str, ...]:
     """One metric as evaluate.py prints it: ROUGE as F1 x 100, the difference with its 95% interval."""
-    scale = 1 if "loss" in name else 100
+    scale, _ = scale_and_digits(name)  # the card keeps 4 decimals for every metric
     low, high = (scale * bound for bound in difference["ci95"])
     return (
         METRIC_NAMES[name],
