@@ -269,6 +269,15 @@ def first_and_last(log_history: list[dict], key: str, name: str) -> dict:
     return {f"first_{name}": values[0], f"last_{name}": values[-1]}
 
 
+def train_loss_first_and_last(log_history: list[dict]) -> dict:
+    """first_and_last of the train loss; a run shorter than --logging-steps logs none, and its last train loss is
+    the Trainer's final one (`train_loss`, the mean over the steps of that run)."""
+    losses = first_and_last(log_history, "loss", "train_loss")
+    if losses["last_train_loss"] is None:
+        losses["last_train_loss"] = first_and_last(log_history, "train_loss", "train_loss")["last_train_loss"]
+    return losses
+
+
 def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
     """Adapter, tokenizer, model card, loss curve and training_summary.json, written to a staging folder and
     moved into --output-dir only when all are complete; `this_run` counts since a resume."""
@@ -303,7 +312,7 @@ def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, p
         **plan,
         "optimizer_steps": trainer.state.global_step,
         **this_run,
-        **first_and_last(history, "loss", "train_loss"),
+        **train_loss_first_and_last(history),
         **first_and_last(history, "eval_loss", "validation_loss"),
         **first_and_last(history, "eval_content_loss", "validation_content_loss"),
         "settings": config_as_dict(config),

@@ -195,7 +195,9 @@ class SummaryTrainer(Trainer):
             self.accelerator.unwrap_model(model).get_output_embeddings(),
         )
         if num_items_in_batch is None:
-            loss = token_losses.mean()
+            # No token count for the accumulated batch (a model without loss kwargs): a mean per micro-batch, which
+            # must be divided here since loss_is_scaled_for_ga tells training_step not to.
+            loss = token_losses.mean() / (self.current_gradient_accumulation_steps if model.training else 1)
         else:
             # DDP averages gradients over ranks while num_items_in_batch counts every rank's tokens.
             loss = token_losses.sum() / num_items_in_batch * self.accelerator.num_processes

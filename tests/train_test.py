@@ -27,6 +27,8 @@ from transformers import Trainer
 from lora_summarization import modeling, run_folder, run_lock, training
 from lora_summarization.cli import UsageError, parse_config, run_stage
 from lora_summarization.model_card import NOT_EVALUATED
+from lora_summarization.prompts import encode_example
+from lora_summarization.synthetic import make_examples
 
 FAST = ("--eval-steps", "1000", "--save-steps", "1000", "--logging-steps", "1")
 
@@ -508,3 +510,36 @@ def test_bf16_on_a_gpu_without_bf16_is_refused_before_loading(tiny_model_dir, da
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="--precision fp32"):  # the check unit_test.py and evaluate.py go through
         modeling.configure_precision("bf16")
+
+
+def test_a_run_shorter_than_the_logging_interval_still_reports_its_train_loss(
+    tiny_model_dir, data_dir, tmp_path, capsys
+):
+    output_dir = tmp_path / "out"
+    argv = train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "2", *FAST, "--logging-steps", "10")
+    code, _, err = run_train(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    log = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert not [entry for entry in log if "loss" in entry] and log[-1]["train_loss"] > 0
+    assert summary["last_train_loss"] == log[-1]["train_loss"]
+
+
+def test_a_loss_without_a_token_count_is_still_scaled_for_accumulation(tiny_model_dir, tokenizer, tmp_path):
+    """Some models take no loss kwargs, and the Trainer then passes no num_items_in_batch."""
+    examples = [encode_example(tokenizer, ex["dialogue"], ex["summary"], 512) for ex in make_examples(4, seed=7)]
+    batch = training.ResponseCollator(tokenizer.pad_token_id)(training.as_features(examples))
+    model = modeling.apply_lora(modeling.load_base_model(str(tiny_model_dir)), 8, 16, 0.0, "q_proj,v_proj", False)
+    args = training.core_training_arguments(output_dir=str(tmp_path), gradient_accumulation_steps=2)
+    trainer = training.SummaryTrainer(model=model, args=args)
+    trainer.current_gradient_accumulation_steps = 2  # what the training loop sets for each optimizer step
+    parameter = next(p for name, p in model.named_parameters() if "lora_B" in name)
+
+    def accumulated_gradient(num_items_in_batch):
+        model.zero_grad()
+        for _ in range(2):  # the same micro-batch twice: its own token mean is the whole batch's
+            trainer.training_step(model, batch, num_items_in_batch)
+        return parameter.grad.clone()
+
+    label_tokens = (batch["labels"][:, 1:] != -100).sum()
+    assert torch.allclose(accumulated_gradient(None), accumulated_gradient(2 * label_tokens), atol=1e-6)
