@@ -293,7 +293,8 @@ class StepBoundaryStop(TrainerCallback):
 
     - A NaN or infinite loss: stop before anything is saved (`non_finite_step`).
     - SIGTERM or SIGINT (a preempted spot machine, Ctrl-C): finish the step, save a checkpoint, stop
-      (`signal_number`, `signal_step`). A second signal exits at once; the last complete checkpoint stays.
+      (`signal_number`, `signal_step`). A second Ctrl-C exits at once; the last complete checkpoint stays.
+      Repeated SIGTERMs count as one: GNU timeout, SLURM and torchrun often send two within milliseconds.
 
     The processes combine their flags at each step boundary (one small all-reduce), so under DDP they all stop
     at the same step, whichever of them saw the NaN or the signal.
@@ -318,9 +319,9 @@ class StepBoundaryStop(TrainerCallback):
                 signal.signal(number, handler)
 
     def _on_signal(self, number, frame):
-        if self.received:
+        if number == signal.SIGINT and self.received == signal.SIGINT:
             os._exit(128 + number)
-        self.received = number
+        self.received = self.received or number
 
     def agreed_flags(self) -> tuple[bool, int]:
         """(any process saw a non-finite loss, the largest signal number any process received)."""
