@@ -15,6 +15,8 @@ per folder (a lock file), and a folder holding a previous run needs --resume or 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shlex
 import shutil
@@ -38,6 +40,7 @@ from lora_summarization.run_lock import is_main_process, output_dir_lock
 from lora_summarization.training import (
     RESUME_AFTER_FREEING_SPACE,
     build_trainer,
+    checkpoint_step,
     clear_incomplete_checkpoints,
     core_training_arguments,
     encode_records,
@@ -45,6 +48,7 @@ from lora_summarization.training import (
     optimizer_steps_per_epoch,
     out_of_memory_reported,
     plot_loss_curve,
+    restore_checkpoint,
 )
 
 
@@ -182,7 +186,7 @@ def training_plan(config: TrainConfig, train, model, world_size: int) -> dict:
         "label_tokens_per_epoch": sum(ex.num_label_tokens for ex in train),
         "effective_batch": config.batch_size * config.grad_accum,
         "processes": world_size,
-        "optimizer_steps": config.max_steps if config.max_steps > 0 else round(per_epoch * config.epochs),
+        "optimizer_steps": config.max_steps if config.max_steps > 0 else math.ceil(per_epoch * config.epochs),
         "trainable_parameters": trainable,
         "base_parameters": base,
         "precision": config.precision,
@@ -410,9 +414,16 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     print_plan(plan)
     if config.dry_run:
         return 0
+    if checkpoint and final_outputs_saved(config, checkpoint, plan["optimizer_steps"]):
+        if is_main_process():
+            print(
+                f"{config.output_dir} already holds the adapter of the last step ({plan['optimizer_steps']}); "
+                "nothing to train"
+            )
+        return 0
     trainer, guard = make_trainer(config, model, tokenizer, train, validation, settings, world_size)
     started = time.perf_counter()
-    train_until_done_or_stopped(config, trainer, guard, checkpoint)
+    train_until_done_or_stopped(config, trainer, guard, checkpoint, plan["optimizer_steps"])
     exit_code = early_stop_exit_code(config, trainer, guard, world_size)
     if exit_code is None:
         this_run = run_facts(trainer, started, checkpoint, overrides)
@@ -431,8 +442,25 @@ def make_trainer(config: TrainConfig, model, tokenizer, train, validation, setti
     return trainer, guard
 
 
-def train_until_done_or_stopped(config: TrainConfig, trainer, guard, checkpoint: str | None) -> None:
-    """Train to the last step, or to the step where a NaN or a signal stopped every process; OOM is one line."""
+def final_outputs_saved(config: TrainConfig, checkpoint: str, last_step: int) -> bool:
+    """Whether the run already ended: its checkpoint is at the last step and the final save from it is complete
+    (publish_staged moves adapter_config.json in last)."""
+    output_dir = Path(config.output_dir)
+    summary_file = output_dir / "training_summary.json"
+    step = checkpoint_step(checkpoint)
+    if step < last_step or not (output_dir / modeling.ADAPTER_CONFIG_FILE).exists() or not summary_file.exists():
+        return False
+    return json.loads(summary_file.read_text(encoding="utf-8"))["optimizer_steps"] == step
+
+
+def train_until_done_or_stopped(config: TrainConfig, trainer, guard, checkpoint: str | None, last_step: int) -> None:
+    """Train to the last step, or to the step where a NaN or a signal stopped every process; OOM is one line.
+
+    A checkpoint at the last step is only loaded, for the final save: the Trainer would train a step past it.
+    """
+    if checkpoint and checkpoint_step(checkpoint) >= last_step:
+        restore_checkpoint(trainer, checkpoint)
+        return
     remedies = memory_remedies(config)
     with guard.signals_caught(), out_of_memory_reported("train.py", trainer, remedies, checkpoints_folder(config)):
         trainer.train(resume_from_checkpoint=checkpoint)

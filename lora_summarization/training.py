@@ -18,10 +18,11 @@ from torch.utils.data import Sampler
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ProgressCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from .cli import RunFailed, write_json
+from .cli import RunFailed, write_atomic, write_json
 from .disk_space import DiskFull, folder_size, is_disk_full
 from .prompts import IGNORE_INDEX, EncodedExample, encode_example
 
@@ -282,6 +283,21 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
     return get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    return TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME)).global_step
+
+
+def restore_checkpoint(trainer: SummaryTrainer, checkpoint: str | Path) -> None:
+    """Load a checkpoint's adapter and trainer state (step, log history) without training.
+
+    For a checkpoint at the last step: `trainer.train(resume_from_checkpoint=...)` would train one step more,
+    because the Trainer tests `max_steps` only after a step (DefaultFlowCallback.on_step_end), and a resumed
+    epoch that the schedule ends early still has batches left to run.
+    """
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+
+
 def optimizer_steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
     """Optimizer steps in one epoch, counted the way the HF Trainer counts them."""
     batches_per_rank = math.ceil(num_examples / (batch_size * world_size))
@@ -349,6 +365,13 @@ class JsonlLogger(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the file from the run's records so far: none, or on a resume the checkpoint's; what an interrupted
+        run logged after its checkpoint is trained and logged again."""
+        if state.is_world_process_zero:
+            records = [json.dumps({"step": entry["step"], **entry}) + "\n" for entry in state.log_history]
+            write_atomic(self.path, "".join(records))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
