@@ -73,6 +73,14 @@ class TrainConfig:
     target_modules: str = field(
         default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "comma-separated module names, or all-linear"}
     )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: LoRA on the direction, a trained magnitude per row"})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale the update by alpha/sqrt(r), not alpha/r"})
+    loraplus_lr_ratio: float = field(
+        default=0.0, metadata={"help": "LoRA+: the B matrices learn at this many times --learning-rate (0 = off)"}
+    )
+    neftune_noise_alpha: float = field(
+        default=0.0, metadata={"help": "NEFTune: uniform noise of this scale on the embeddings in training (0 = off)"}
+    )
     precision: str = field(default="fp32", metadata={"help": "fp32 (published), tf32 or bf16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     system_prompt: str | None = field(default=None, metadata={"help": "system message; None = template default"})
@@ -120,8 +128,45 @@ def validate(config: TrainConfig, world_size: int) -> None:
         problems.append("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: pass one")
     if config.resume_anyway and not config.resume:
         problems.append("--resume-anyway only applies with --resume")
+    problems += lora_problems(config)
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def lora_settings(config: TrainConfig) -> dict:
+    """The arguments of modeling.lora_config."""
+    return {
+        "r": config.lora_r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": config.target_modules,
+        "use_dora": config.use_dora,
+        "use_rslora": config.use_rslora,
+    }
+
+
+def lora_problems(config: TrainConfig) -> list[str]:
+    """Bad LoRA values, then what PEFT itself refuses, tried on the model built without its weights."""
+    rules = [
+        ("--lora-r", config.lora_r >= 1, "at least 1"),
+        ("--lora-alpha", config.lora_alpha > 0, "positive"),
+        ("--lora-dropout", 0 <= config.lora_dropout < 1, "in [0, 1)"),
+        ("--loraplus-lr-ratio", config.loraplus_lr_ratio >= 0, "positive (0 = off)"),
+        ("--neftune-noise-alpha", config.neftune_noise_alpha >= 0, "positive (0 = off)"),
+    ]
+    problems = [f"{flag} must be {rule}" for flag, ok, rule in rules if not ok]
+    if problems:
+        return problems
+    try:
+        refusal = modeling.lora_refusal(config.model, **lora_settings(config))
+    except UsageError as error:  # no config.json to build the model from
+        return [str(error)]
+    if refusal is None:
+        return []
+    flags = f"--lora-r {config.lora_r} --lora-alpha {config.lora_alpha} --lora-dropout {config.lora_dropout} "
+    flags += f"--target-modules {config.target_modules}"
+    flags += " --use-dora" * config.use_dora + " --use-rslora" * config.use_rslora
+    return [f"PEFT refuses the adapter of {flags} on {config.model} (change those flags): {refusal}"]
 
 
 def load_datasets(config: TrainConfig, tokenizer):
@@ -151,6 +196,10 @@ RESUME_FIELDS = (
     "lora_alpha",
     "lora_dropout",
     "target_modules",
+    "use_dora",
+    "use_rslora",
+    "loraplus_lr_ratio",
+    "neftune_noise_alpha",
     "precision",
     "seed",
     "system_prompt",
@@ -173,6 +222,8 @@ def build_model(config: TrainConfig, weights: bool):
         config.lora_dropout,
         config.target_modules,
         config.gradient_checkpointing,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
     )
 
 
@@ -225,6 +276,7 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
         logging_steps=config.logging_steps,
         report_to=[name for name in integrations(config.report_to) if name != "tensorboard"] or "none",
         ddp_find_unused_parameters=False,
+        neftune_noise_alpha=config.neftune_noise_alpha or None,  # the Trainer adds noise for any value but None
         seed=config.seed,
     )
 
@@ -437,7 +489,9 @@ def make_trainer(config: TrainConfig, model, tokenizer, train, validation, setti
     modeling.resolve_device()
     args = training_arguments(config, checkpoints_folder(config), world_size)
     tensorboard = "tensorboard" in integrations(config.report_to)
-    trainer, guard = build_trainer(model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard)
+    trainer, guard = build_trainer(
+        model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard, config.loraplus_lr_ratio
+    )
     trainer.checkpoint_json[resume_guard.SETTINGS_FILE] = settings
     return trainer, guard
 

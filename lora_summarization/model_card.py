@@ -130,11 +130,22 @@ def data_section(summary: dict, settings: dict) -> str:
     )
 
 
+def lora_variant(settings: dict) -> str:
+    """The LoRA variants a run used (DoRA, rsLoRA, LoRA+, NEFTune), or plain LoRA."""
+    variants = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if settings.get(key)]
+    if settings.get("loraplus_lr_ratio"):
+        variants.append(f"LoRA+ (B matrices at {settings['loraplus_lr_ratio']:g} x the learning rate)")
+    if settings.get("neftune_noise_alpha"):
+        variants.append(f"NEFTune (noise alpha {settings['neftune_noise_alpha']:g})")
+    return ", ".join(variants) or "plain LoRA"
+
+
 def training_section(summary: dict, settings: dict) -> str:
     share = "n/a"
     if summary.get("trainable_parameters") and summary.get("base_parameters"):
         share = f"{100 * summary['trainable_parameters'] / summary['base_parameters']:.2f}%"
     facts = [
+        ("adapter", lora_variant(settings)),
         ("examples", number(summary.get("examples"))),
         ("optimizer steps", number(summary.get("optimizer_steps"))),
         ("effective batch", number(summary.get("effective_batch"))),

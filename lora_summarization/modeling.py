@@ -109,6 +109,31 @@ def parse_target_modules(value: str) -> list[str] | str:
     return [module.strip() for module in value.split(",") if module.strip()]
 
 
+def lora_config(
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj",
+    use_dora: bool = False,
+    use_rslora: bool = False,
+) -> LoraConfig:
+    """The PEFT LoRA config; the defaults are the published recipe's adapter.
+
+    `use_dora`: weight-decomposed LoRA (Liu et al. 2024); `use_rslora`: scaling alpha / sqrt(r) instead of
+    alpha / r (Kalajdzievski 2023).
+    """
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=parse_target_modules(target_modules),
+        bias="none",
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+    )
+
+
 def apply_lora(
     model,
     r: int = 8,
@@ -116,21 +141,26 @@ def apply_lora(
     dropout: float = 0.05,
     target_modules: str = "q_proj,k_proj,v_proj,o_proj",
     gradient_checkpointing: bool = False,
+    use_dora: bool = False,
+    use_rslora: bool = False,
 ):
     """Wrap `model` in a PEFT LoRA adapter; the defaults are the published recipe's adapter."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings produce no grad; without this the checkpointed blocks would pass none to LoRA.
         model.enable_input_require_grads()
-    config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=parse_target_modules(target_modules),
-        bias="none",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(r, alpha, dropout, target_modules, use_dora, use_rslora))
+
+
+def lora_refusal(model_name: str, **lora_settings) -> str | None:
+    """PEFT's reason to refuse these `lora_config` settings on this model (a module type it cannot adapt, a name
+    not in the model, ...), found on a weightless copy built from config.json; None when they fit."""
+    base = load_base_model(model_name, weights=False)
+    try:
+        get_peft_model(base, lora_config(**lora_settings))
+    except (ValueError, TypeError) as error:
+        return str(error).strip().splitlines()[0]
+    return None
 
 
 def parameter_counts(model) -> tuple[int, int]:

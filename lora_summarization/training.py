@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft.optimizers import create_loraplus_optimizer
 from torch.utils.data import Sampler
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -169,9 +170,10 @@ class SummaryTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, validation_examples: list[EncodedExample] = (), **kwargs):
+    def __init__(self, *args, validation_examples: list[EncodedExample] = (), loraplus_lr_ratio: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.validation_examples = list(validation_examples)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
         self.loss_is_finite = torch.ones((), dtype=torch.bool, device=self.args.device)
         self.batch_shape: tuple[int, ...] | None = None  # of the micro-batch in progress, for out-of-memory reports
@@ -187,6 +189,21 @@ class SummaryTrainer(Trainer):
             group_size=LENGTH_GROUP_STEPS * step_size,
             seed=self.args.seed,
         )
+
+    def create_optimizer(self, model=None):
+        """The configured optimizer; with LoRA+ (Hayou et al. 2024), its B matrices in parameter groups at
+        `loraplus_lr_ratio` x the learning rate, which the scheduler, optimizer.pt and --resume handle as any group."""
+        if self.optimizer is None and self.loraplus_lr_ratio:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = create_loraplus_optimizer(
+                opt_model,
+                optimizer_cls,
+                loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=self.args.weight_decay,
+                **optimizer_kwargs,
+            )
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.batch_shape = tuple(inputs["input_ids"].shape)
@@ -406,11 +423,12 @@ def core_training_arguments(report_to: str | list[str] = "none", **settings) -> 
 
 
 def build_trainer(
-    model, tokenizer, train, validation, args, log_dir: Path, tensorboard: bool = True
+    model, tokenizer, train, validation, args, log_dir: Path, tensorboard: bool = True, loraplus_lr_ratio: float = 0.0
 ) -> tuple[SummaryTrainer, StepBoundaryStop]:
     """The trainer with the project's callbacks: loss bar, JSONL and TensorBoard logs, NaN and signal stops.
 
     TensorBoard is attached here rather than through `report_to`, so that its events go to `log_dir/runs`.
+    `loraplus_lr_ratio` > 0 trains the LoRA B matrices at that multiple of the learning rate (LoRA+).
     """
     trainer = SummaryTrainer(
         model=model,
@@ -418,6 +436,7 @@ def build_trainer(
         train_dataset=as_features(train),
         eval_dataset=as_features(validation),
         validation_examples=validation,
+        loraplus_lr_ratio=loraplus_lr_ratio,
         data_collator=ResponseCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
