@@ -31,7 +31,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK,
 
 from lora_summarization import data, modeling, resume_guard, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
-from lora_summarization.disk_space import DiskFull, folder_size, is_disk_full
+from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
 from lora_summarization.model_card import write_model_card
 from lora_summarization.run_lock import is_main_process, output_dir_lock
@@ -275,12 +275,9 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: 
     output_dir = Path(config.output_dir)
     staging = run_folder.fresh_staging_folder(output_dir)
     try:
-        write_final_outputs(staging, config, trainer, tokenizer, plan, this_run)
-        run_folder.publish_staged(staging, output_dir)
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
-        raise final_save_disk_full(config, staging) from error
+        with disk_full_reported(staging, lambda: final_save_disk_full(config, staging)):
+            write_final_outputs(staging, config, trainer, tokenizer, plan, this_run)
+            run_folder.publish_staged(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")

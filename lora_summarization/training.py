@@ -22,7 +22,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .cli import RunFailed, write_json
-from .disk_space import DiskFull, folder_size, is_disk_full
+from .disk_space import DiskFull, disk_full_reported, folder_size
 from .prompts import IGNORE_INDEX, EncodedExample, encode_example
 
 CHECKPOINT_STAGING = ".incomplete"
@@ -233,12 +233,8 @@ class SummaryTrainer(Trainer):
         """Write each checkpoint into a staging folder and rename it when complete; keep the newest N."""
         final_dir = Path(self.args.output_dir)
         staging_dir = final_dir / CHECKPOINT_STAGING
-        try:
+        with disk_full_reported(staging_dir, lambda: checkpoint_disk_full(final_dir)):
             self._save_checkpoint_into(staging_dir, model, trial)
-        except OSError as error:
-            if not is_disk_full(error):
-                raise
-            raise checkpoint_disk_full(final_dir) from error
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             for checkpoint in staging_dir.iterdir():
