@@ -42,6 +42,7 @@ from lora_summarization.training import (
     core_training_arguments,
     encode_records,
     latest_checkpoint,
+    latest_loadable_checkpoint,
     optimizer_steps_per_epoch,
     out_of_memory_reported,
     plot_loss_curve,
@@ -256,9 +257,14 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
     clear_incomplete_checkpoints(checkpoint_dir)
     if not config.resume:
         return None
-    checkpoint = latest_checkpoint(checkpoint_dir)
-    if checkpoint is None:
+    if latest_checkpoint(checkpoint_dir) is None:
         raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start fresh")
+    checkpoint = latest_loadable_checkpoint(checkpoint_dir, set_aside=is_main_process())
+    if checkpoint is None:
+        raise UsageError(
+            f"--resume: no checkpoint in {checkpoint_dir} can be loaded (each is set aside as broken-checkpoint-N); "
+            "start afresh with --overwrite-output-dir instead of --resume"
+        )
     print(f"resuming from {checkpoint}")
     return checkpoint
 
