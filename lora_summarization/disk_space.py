@@ -62,6 +62,11 @@ def folder_size(path: str | Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
+def tensor_bytes(tensors) -> int:
+    """What saving `tensors` (e.g. a model's parameters) writes, about."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 def free_space(path: str | Path) -> int:
     existing = next(folder for folder in [Path(path), *Path(path).parents] if folder.exists())
     return shutil.disk_usage(existing).free

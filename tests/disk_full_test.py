@@ -14,7 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from train_test import only_error_line, run_train, train_args
 
-from lora_summarization import run_folder, run_lock, training
+from lora_summarization import export, run_folder, run_lock, training
+from lora_summarization.cli import run_stage
 from lora_summarization.disk_space import folder_size, human_size, is_disk_full
 
 PAGE = 4096  # tmpfs charges every file in whole pages
@@ -120,3 +121,12 @@ def test_every_writers_own_full_disk_error_is_recognised(small_tmpfs):
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     assert is_disk_full(wrapped) and is_disk_full(Exception("No space left on device (os error 28)"))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_an_export_onto_a_full_disk_exits_1_with_one_line(tiny_model_dir, two_step_run, small_tmpfs, capsys):
+    output_dir = small_tmpfs(1_000_000) / "merged"  # the tiny merged model alone is ~20 MB in bf16
+    argv = ["--model", tiny_model_dir, "--adapter", two_step_run, "--output-dir", output_dir]
+    code = run_stage(export.main, export.ExportConfig, [str(arg) for arg in argv])
+    line = only_error_line(capsys.readouterr().err)
+    assert code == 1
+    assert line.startswith(f"error: the disk holding {output_dir} is full (") and "the merged model needs about" in line
