@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lora_summarization.cli import RunFailed, UsageError, config_as_dict, run_stage, write_atomic, write_json
 from lora_summarization.data import TEST_FILE, read_records
+from lora_summarization.disk_space import DiskFull, disk_full_reported
 from lora_summarization.evaluation import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULTS,
@@ -277,12 +278,19 @@ def save_outputs(
         results.update(card_results(results, FINE_TUNED))  # the one-adapter fields, as before several adapters
     # The results file goes last: a run stopped while writing leaves no results beside partial outputs.
     (output_dir / RESULTS_FILE).unlink(missing_ok=True)
-    write_atomic(output_dir / PREDICTIONS_FILE, predictions_text(records, scores))
-    write_atomic(output_dir / CHART_FILE, chart_png(results["models"], comparisons))
-    write_json(output_dir / RESULTS_FILE, results)
+    predictions = predictions_text(records, scores)
+    with disk_full_reported(output_dir, lambda: outputs_disk_full(output_dir, predictions)):
+        write_atomic(output_dir / PREDICTIONS_FILE, predictions)
+        write_atomic(output_dir / CHART_FILE, chart_png(results["models"], comparisons))
+        write_json(output_dir / RESULTS_FILE, results)
     cards = [add_evaluation(folder, card_results(results, name)) for name, folder in adapters.items()]
     added = f"; metrics added to {', '.join(map(str, cards))}" if cards else ""
     print(f"wrote {RESULTS_FILE}, {PREDICTIONS_FILE} and {CHART_FILE} to {output_dir}{added}")
+
+
+def outputs_disk_full(output_dir: Path, predictions: str) -> DiskFull:
+    needed = len(predictions.encode("utf-8"))
+    return DiskFull(output_dir, PREDICTIONS_FILE, needed, "free space, then rerun the same evaluate.py command")
 
 
 def predictions_text(records: list[dict], scores: dict[str, ModelScores]) -> str:

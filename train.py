@@ -33,7 +33,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK,
 
 from lora_summarization import data, modeling, resume_guard, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
-from lora_summarization.disk_space import DiskFull, folder_size, is_disk_full
+from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
 from lora_summarization.model_card import write_model_card
 from lora_summarization.run_lock import is_main_process, output_dir_lock
@@ -45,6 +45,7 @@ from lora_summarization.training import (
     core_training_arguments,
     encode_records,
     latest_checkpoint,
+    latest_loadable_checkpoint,
     optimizer_steps_per_epoch,
     out_of_memory_reported,
     plot_loss_curve,
@@ -312,9 +313,14 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
     clear_incomplete_checkpoints(checkpoint_dir)
     if not config.resume:
         return None
-    checkpoint = latest_checkpoint(checkpoint_dir)
-    if checkpoint is None:
+    if latest_checkpoint(checkpoint_dir) is None:
         raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start fresh")
+    checkpoint = latest_loadable_checkpoint(checkpoint_dir, set_aside=is_main_process())
+    if checkpoint is None:
+        raise UsageError(
+            f"--resume: no checkpoint in {checkpoint_dir} can be loaded (each is set aside as broken-checkpoint-N); "
+            "start afresh with --overwrite-output-dir instead of --resume"
+        )
     print(f"resuming from {checkpoint}")
     return checkpoint
 
@@ -340,12 +346,9 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: 
     output_dir = Path(config.output_dir)
     staging = run_folder.fresh_staging_folder(output_dir)
     try:
-        write_final_outputs(staging, config, trainer, tokenizer, plan, this_run)
-        run_folder.publish_staged(staging, output_dir)
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
-        raise final_save_disk_full(config, staging) from error
+        with disk_full_reported(staging, lambda: final_save_disk_full(config, staging)):
+            write_final_outputs(staging, config, trainer, tokenizer, plan, this_run)
+            run_folder.publish_staged(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")

@@ -21,6 +21,7 @@ from transformers import TrainingArguments, set_seed
 
 from lora_summarization import data, modeling, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, config_as_dict, run_stage, write_json
+from lora_summarization.disk_space import DiskFull, disk_full_reported, tensor_bytes
 from lora_summarization.run_lock import output_dir_lock
 from lora_summarization.training import (
     build_trainer,
@@ -122,6 +123,11 @@ def train_and_measure(config: UnitTestConfig, trainer) -> dict:
     }
 
 
+def adapter_disk_full(output_dir: Path, model) -> DiskFull:
+    needed = tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    return DiskFull(output_dir, "the adapter", needed, "free space, then rerun unit_test.py")
+
+
 def smoke_test(config: UnitTestConfig) -> int:
     started = time.perf_counter()
     records = data.read_records(Path(config.data_dir) / data.UNIT_TEST_FILE)  # before anything is downloaded
@@ -137,7 +143,6 @@ def smoke_test(config: UnitTestConfig) -> int:
     losses = train_and_measure(config, trainer)
     before, after = losses["held_out_content_loss_before"], losses["held_out_content_loss_after"]
     passed, improvement = verdict(before, after, config.min_improvement)
-    trainer.model.save_pretrained(output_dir)
     report = {
         "verdict": "PASSED" if passed else "FAILED",
         **losses,
@@ -149,7 +154,9 @@ def smoke_test(config: UnitTestConfig) -> int:
         "runtime_seconds": round(time.perf_counter() - started, 1),
         "settings": config_as_dict(config),
     }
-    write_json(output_dir / REPORT_FILE, report)
+    with disk_full_reported(output_dir, lambda: adapter_disk_full(output_dir, trainer.model)):
+        trainer.model.save_pretrained(output_dir)
+        write_json(output_dir / REPORT_FILE, report)
     change = f"{100 * improvement:+.1f}%, need {100 * config.min_improvement:.0f}%"
     print(f"held-out content loss {before:.4f} -> {after:.4f} ({change})")
     print(report["verdict"])

@@ -22,6 +22,7 @@ from peft import PeftConfig
 
 from . import modeling
 from .cli import UsageError, config_as_dict, run_stage, write_json
+from .disk_space import DiskFull, disk_full_reported, tensor_bytes
 from .evaluation import save_generation_config
 
 EXPORT_SETTINGS_FILE = "export_settings.json"
@@ -75,6 +76,11 @@ def save_merged(model, tokenizer, config: ExportConfig) -> Path:
     return output_dir
 
 
+def merged_model_disk_full(config: ExportConfig, merged) -> DiskFull:
+    needed = tensor_bytes(merged.parameters())
+    return DiskFull(config.output_dir, "the merged model", needed, "free space, then rerun the export")
+
+
 def folder_size_gb(folder: Path) -> float:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors")) / 1e9
 
@@ -84,7 +90,8 @@ def main(config: ExportConfig) -> int:
     print(f"merging {config.adapter} (trained on {trained_on(config.adapter)}) into {config.model}")
     tokenizer = modeling.load_tokenizer(config.model)
     merged = merge_adapter(config)
-    output_dir = save_merged(merged, tokenizer, config)
+    with disk_full_reported(config.output_dir, lambda: merged_model_disk_full(config, merged)):
+        output_dir = save_merged(merged, tokenizer, config)
     parameters = sum(p.numel() for p in merged.parameters())
     print(f"saved {parameters:,} parameters ({config.precision}, {folder_size_gb(output_dir):.2f} GB) to {output_dir}")
     return 0

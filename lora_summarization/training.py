@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import signal
+import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,19 +17,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft.optimizers import create_loraplus_optimizer
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Sampler
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    get_last_checkpoint,
+    rotate_checkpoints,
+    sort_checkpoints,
+)
 
 from .cli import RunFailed, write_atomic, write_json
-from .disk_space import DiskFull, folder_size, is_disk_full
+from .disk_space import DiskFull, disk_full_reported, folder_size
+from .modeling import ADAPTER_WEIGHTS_FILE
 from .prompts import IGNORE_INDEX, EncodedExample, encode_example
 
 CHECKPOINT_STAGING = ".incomplete"
+BROKEN_PREFIX = "broken-"  # outside the Trainer's checkpoint-* pattern, so that resuming and rotation skip it
 LENGTH_GROUP_STEPS = 50  # optimizer steps' worth of examples sorted by length together
 RESUME_AFTER_FREEING_SPACE = "free space, then rerun the same train.py command with --resume"
 
@@ -253,12 +263,8 @@ class SummaryTrainer(Trainer):
         """Write each checkpoint into a staging folder and rename it when complete; keep the newest N."""
         final_dir = Path(self.args.output_dir)
         staging_dir = final_dir / CHECKPOINT_STAGING
-        try:
+        with disk_full_reported(staging_dir, lambda: checkpoint_disk_full(final_dir)):
             self._save_checkpoint_into(staging_dir, model, trial)
-        except OSError as error:
-            if not is_disk_full(error):
-                raise
-            raise checkpoint_disk_full(final_dir) from error
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             for checkpoint in staging_dir.iterdir():
@@ -313,6 +319,54 @@ def restore_checkpoint(trainer: SummaryTrainer, checkpoint: str | Path) -> None:
     """
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+
+
+def latest_loadable_checkpoint(checkpoint_dir: Path, set_aside: bool) -> str | None:
+    """The newest checkpoint whose files all read back. Newer damaged ones are skipped and, when `set_aside`,
+    named in a warning and renamed out of the Trainer's and the rotation's sight (kept to look at, not deleted)."""
+    for checkpoint in reversed(sort_checkpoints(str(checkpoint_dir))):
+        problem = checkpoint_problem(Path(checkpoint))
+        if problem is None:
+            return checkpoint
+        if set_aside:
+            set_aside_broken(Path(checkpoint), problem)
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """The first file of `checkpoint` that is missing, truncated or corrupt, and why; None when all read back."""
+    required = [checkpoint / ADAPTER_WEIGHTS_FILE, checkpoint / TRAINER_STATE_NAME]
+    others = [*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.json")]
+    for path in dict.fromkeys([*required, *sorted(others)]):
+        try:
+            read_back(path)
+        except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as error:
+            return f"{path.name}: {error}"
+    return None
+
+
+def read_back(path: Path) -> None:
+    """Read `path` through as resuming will, on the CPU and without keeping it; raises when it is damaged."""
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt", device="cpu") as weights:
+            for name in weights.keys():
+                weights.get_tensor(name)
+    elif path.suffix in (".pt", ".pth"):
+        with zipfile.ZipFile(path) as archive:  # torch.save's format: a zip whose members carry a CRC
+            if (member := archive.testzip()) is not None:
+                raise zipfile.BadZipFile(f"{member} fails its CRC check")
+    else:
+        json.loads(path.read_text(encoding="utf-8"))
+
+
+def set_aside_broken(checkpoint: Path, problem: str) -> None:
+    aside = checkpoint.with_name(f"{BROKEN_PREFIX}{checkpoint.name}")
+    copies = 0
+    while aside.exists():  # the same step broke before
+        copies += 1
+        aside = checkpoint.with_name(f"{BROKEN_PREFIX}{checkpoint.name}.{copies}")
+    print(f"warning: {checkpoint} cannot be loaded ({problem}); set aside as {aside.name}", file=sys.stderr)
+    checkpoint.rename(aside)
 
 
 def optimizer_steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:

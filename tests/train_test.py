@@ -1,4 +1,3 @@
-import errno
 import json
 import os
 import re
@@ -22,7 +21,6 @@ from conftest import (
     script_env,
 )
 from safetensors.torch import load_file
-from transformers import Trainer
 
 from lora_summarization import modeling, run_folder, run_lock, training
 from lora_summarization.cli import UsageError, parse_config, run_stage
@@ -455,47 +453,6 @@ def only_error_line(stderr: str) -> str:
     (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert stderr.rstrip().endswith(line)
     return line
-
-
-def disk_full(*_args, **_kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def test_full_disk_at_a_checkpoint_exits_1_and_keeps_the_previous_checkpoint(
-    tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch
-):
-    real_save_rng_state = Trainer._save_rng_state
-
-    def fail_at_step_4(trainer, output_dir):
-        if output_dir.endswith("checkpoint-4"):
-            disk_full()
-        real_save_rng_state(trainer, output_dir)
-
-    monkeypatch.setattr(Trainer, "_save_rng_state", fail_at_step_4)
-    output_dir = tmp_path / "out"
-    schedule = ("--max-steps", "6", "--save-steps", "2", "--eval-steps", "9")
-    argv = train_args(tiny_model_dir, data_dir, output_dir, *schedule)
-    code, _, err = run_train(argv, capsys)
-    assert code == 1
-    line = only_error_line(err)
-    assert line.startswith(f"error: the disk holding {output_dir / 'checkpoints'} is full (")
-    assert "a checkpoint needs about" in line and line.endswith("rerun the same train.py command with --resume")
-    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
-    assert adapter_weights(output_dir / "checkpoints" / "checkpoint-2")
-    assert not (output_dir / "adapter_config.json").exists()
-    assert not (output_dir / run_lock.LOCK_FILE).exists()
-
-
-def test_full_disk_in_the_final_save_leaves_no_adapter_but_the_checkpoint(tiny_model_dir, data_dir, tmp_path, capsys):
-    output_dir = tmp_path / "out"
-    argv = train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "2", *FAST)
-    code, _, err = run_train(argv, capsys, plot_loss_curve=disk_full)  # after the adapter is written
-    assert code == 1
-    line = only_error_line(err)
-    assert line.startswith(f"error: the disk holding {output_dir} is full (") and "the adapter needs about" in line
-    assert not (output_dir / "adapter_config.json").exists()
-    assert not (output_dir / run_folder.FINAL_STAGING).exists()
-    assert adapter_weights(output_dir / "checkpoints" / "checkpoint-2")
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused_before_loading(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
