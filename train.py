@@ -31,7 +31,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
-from lora_summarization import data, modeling, resume_guard, run_folder
+from lora_summarization import data, hardware, modeling, resume_guard, run_folder
 from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
 from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
@@ -89,6 +89,10 @@ class TrainConfig:
     eval_examples: int = field(default=200, metadata={"help": "validation examples scored (first N)"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps"})
     save_total_limit: int = field(default=3, metadata={"help": "checkpoints kept"})
+    keep_best: bool = field(
+        default=False,
+        metadata={"help": "the adapter is the checkpoint with the lowest validation content loss, not the last step"},
+    )
     logging_steps: int = field(default=10, metadata={"help": "log the train loss every N optimizer steps"})
     report_to: str = field(
         default="tensorboard",
@@ -130,6 +134,11 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if config.resume_anyway and not config.resume:
         problems.append("--resume-anyway only applies with --resume")
     problems += lora_problems(config)
+    if config.keep_best and (config.eval_steps < 1 or config.save_steps % config.eval_steps):
+        problems.append(
+            f"--keep-best chooses among checkpoints by their validation loss, so --save-steps ({config.save_steps}) "
+            f"must be a multiple of --eval-steps ({config.eval_steps})"
+        )
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -279,7 +288,15 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
         ddp_find_unused_parameters=False,
         neftune_noise_alpha=config.neftune_noise_alpha or None,  # the Trainer adds noise for any value but None
         seed=config.seed,
+        **best_checkpoint_arguments(config.keep_best),
     )
+
+
+def best_checkpoint_arguments(keep_best: bool) -> dict:
+    """The Trainer's own best-checkpoint tracking (kept by rotation, restored on resume, loaded at the end)."""
+    if not keep_best:
+        return {}
+    return {"load_best_model_at_end": True, "metric_for_best_model": "eval_content_loss", "greater_is_better": False}
 
 
 def refuse_or_clear_previous_run(config: TrainConfig) -> None:
@@ -351,7 +368,61 @@ def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: 
             run_folder.publish_staged(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps")
+    if config.keep_best:
+        print(kept_best_line(trainer.state))
+    print(
+        f"adapter saved to {output_dir} after {trainer.state.global_step:,} optimizer steps; "
+        f"{cost_line(this_run, model_flops_utilization(plan, this_run))}"
+    )
+
+
+def kept_best(state) -> dict | None:
+    """With --keep-best: the checkpoint the adapter is, its validation content loss and the last evaluation's."""
+    if state.best_model_checkpoint is None:
+        return None
+    evaluations = [(entry["step"], entry.get("eval_content_loss")) for entry in state.log_history]
+    last_step, last_loss = [evaluation for evaluation in evaluations if evaluation[1] is not None][-1]
+    return {
+        "checkpoint": state.best_model_checkpoint,
+        "step": state.best_global_step,
+        "validation_content_loss": state.best_metric,
+        "last_evaluated_step": last_step,
+        "last_validation_content_loss": last_loss,
+    }
+
+
+def kept_best_line(state) -> str:
+    best = kept_best(state)
+    if best is None:
+        return "--keep-best: no validation ran before the end, so the adapter is the last step's"
+    return (
+        f"--keep-best: the adapter is {best['checkpoint']} (step {best['step']:,}, validation content loss "
+        f"{best['validation_content_loss']:.4f}; the last evaluation, at step {best['last_evaluated_step']:,}, "
+        f"had {best['last_validation_content_loss']:.4f})"
+    )
+
+
+def model_flops_utilization(plan: dict, this_run: dict) -> float | None:
+    """MFU over every process's GPU, for GPUs in hardware.PEAK_TFLOPS; None on the CPU or an unlisted GPU."""
+    if plan["device"] != "cuda" or not this_run["tokens_per_second"]:
+        return None
+    peak = hardware.peak_tflops(torch.cuda.get_device_name(), plan["precision"])
+    if peak is None:
+        return None
+    parameters = plan["trainable_parameters"] + plan["base_parameters"]
+    mfu = hardware.model_flops_utilization(parameters, this_run["tokens_per_second"], peak, plan["processes"])
+    return round(mfu, 4)
+
+
+def cost_line(this_run: dict, mfu: float | None) -> str:
+    if this_run["tokens_per_second"] is None:
+        return "no optimizer step ran in this run"
+    peaks = ", ".join(f"{peak:,.0f}" for peak in this_run["peak_memory_mib"])
+    return (
+        f"{this_run['examples_per_second']:,.2f} examples/s, {this_run['tokens_per_second']:,.0f} tokens/s "
+        f"(non-padding, optimizer steps only), peak memory {peaks} MiB ({this_run['peak_memory_measure']}), "
+        f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'}"
+    )
 
 
 def final_save_disk_full(config: TrainConfig, staging: Path) -> DiskFull:
@@ -374,6 +445,8 @@ def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, p
         **train_loss_first_and_last(history),
         **first_and_last(history, "eval_loss", "validation_loss"),
         **first_and_last(history, "eval_content_loss", "validation_content_loss"),
+        "mfu": model_flops_utilization(plan, this_run),
+        "kept_best": kept_best(trainer.state) if config.keep_best else None,
         "settings": config_as_dict(config),
     }
     write_json(folder / "training_summary.json", summary)
@@ -528,8 +601,27 @@ def run_facts(trainer, started: float, checkpoint: str | None, overrides: list[s
     return {
         "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
         "runtime_seconds": round(time.perf_counter() - started, 1),
+        **training_cost(trainer),
         "resumed_from": checkpoint,
         "resume_overrides": overrides,
+    }
+
+
+def training_cost(trainer) -> dict:
+    """Throughput over the time inside optimizer steps (start-up, evaluation, checkpoints and logging excluded:
+    training.StepTimer), examples and tokens summed over processes; the peak memory of each process's device."""
+    device = trainer.args.device
+    tokens = trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")
+    examples = trainer.accelerator.reduce(torch.tensor(trainer.examples_seen, device=device), reduction="sum")
+    local = torch.tensor([[trainer.step_timer.seconds, hardware.peak_memory_mib(device)]], device=device)
+    seconds, peaks = trainer.accelerator.gather(local.double()).cpu().T.tolist()
+    slowest = max(seconds)
+    return {
+        "training_step_seconds": round(slowest, 3),
+        "examples_per_second": round(int(examples) / slowest, 3) if slowest else None,
+        "tokens_per_second": round(int(tokens) / slowest, 1) if slowest else None,
+        "peak_memory_mib": [round(peak, 1) for peak in peaks],
+        "peak_memory_measure": hardware.peak_memory_measure(device),
     }
 
 

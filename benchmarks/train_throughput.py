@@ -25,7 +25,6 @@ after loading. On CUDA the output adds model FLOPs utilisation: 4 x parameters x
 from __future__ import annotations
 
 import random
-import re
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root is importable
 from benchmarks import workload  # noqa: E402
-from lora_summarization import modeling, training  # noqa: E402
+from lora_summarization import hardware, modeling, training  # noqa: E402
 from lora_summarization.cli import UsageError, run_stage  # noqa: E402
 from lora_summarization.prompts import IGNORE_INDEX  # noqa: E402
 
@@ -46,15 +45,6 @@ PUBLISHED_BATCH, PUBLISHED_GRAD_ACCUM, PUBLISHED_LENGTH = 2, 4, 512
 EFFECTIVE_BATCH = PUBLISHED_BATCH * PUBLISHED_GRAD_ACCUM
 LEARNING_RATE, MAX_GRAD_NORM = 5e-5, 1.0
 SAMSUM_TRAIN_EXAMPLES, EPOCHS = 14_731, 3
-# Dense peak TFLOPS of the GPUs the recipe is run on: fp32 on CUDA cores, tf32 and bf16 on tensor cores.
-PEAK_TFLOPS = {
-    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0},
-    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4},
-    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4},
-    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0},
-    "A6000": {"fp32": 38.7, "tf32": 77.4, "bf16": 154.8},
-}
-
 IndexStep = list[list[int]]  # an optimizer step: micro-batches of example indices
 MicroBatch = list[dict]  # features: input_ids and labels
 Step = list[MicroBatch]
@@ -239,11 +229,6 @@ STEP_FUNCTIONS = {"baseline": published_step, "project": project_step}
 # --- measuring one variant in a fresh process ---------------------------------------------------------
 
 
-def proc_status_mib(key: str) -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -252,11 +237,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def memory_mib(device: torch.device) -> float:
-    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else proc_status_mib("VmRSS")
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else proc_status_mib("VmHWM")
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else hardware.proc_status_mib("VmRSS")
 
 
 def measure_variant(variant: Variant, settings: RunSettings) -> dict:
@@ -278,7 +259,7 @@ def measure_variant(variant: Variant, settings: RunSettings) -> dict:
     return {
         "seconds": time.perf_counter() - started,
         "memory_after_load_mib": after_load,
-        "peak_memory_mib": peak_memory_mib(device),
+        "peak_memory_mib": hardware.peak_memory_mib(device),
         "parameters": sum(modeling.parameter_counts(model)),
     }
 
@@ -296,8 +277,7 @@ def peak_tflops(config: TrainBenchConfig, device: torch.device, precision: str) 
         return None
     if config.peak_tflops > 0:
         return config.peak_tflops
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[precision] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
+    return hardware.peak_tflops(torch.cuda.get_device_name(device), precision)
 
 
 def timed_examples(variant: Variant) -> list[dict]:
@@ -326,7 +306,7 @@ def summarize(variant: Variant, runs: list[dict], peak: float | None) -> dict:
         "projected_3_epoch_hours": round(projected_hours(variant, len(examples) / seconds), 2),
     }
     if peak is not None:
-        summary["mfu"] = round(4 * runs[0]["parameters"] * non_pad / seconds / (peak * 1e12), 4)
+        summary["mfu"] = round(hardware.model_flops_utilization(runs[0]["parameters"], non_pad / seconds, peak), 4)
     return summary
 
 

@@ -23,6 +23,7 @@ from transformers.utils import GENERATION_CONFIG_NAME
 
 from .cli import UsageError
 from .prompts import EncodedExample, encode_example, end_of_turn_id, extract_summary, prompt_ids
+from .resume_guard import SETTINGS_FILE, flag
 from .training import example_loss_sums, length_sorted_batches, model_hidden_states
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -54,15 +55,28 @@ FOLLOWED_SETTINGS = tuple(DEFAULTS)
 
 
 def trained_settings(adapter_dir: str | Path) -> dict:
-    """The FOLLOWED_SETTINGS recorded in the adapter's training_summary.json (none when it has no summary)."""
+    """The FOLLOWED_SETTINGS recorded in the adapter's training_summary.json, or for a checkpoint in its
+    resume_settings.json (none when it has neither)."""
     path = Path(adapter_dir) / TRAINING_SUMMARY_FILE
     if not path.is_file():
-        return {}
+        return checkpoint_settings(adapter_dir)
     try:
         settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
     except (json.JSONDecodeError, AttributeError):
         raise UsageError(f"{path} is not a training summary written by train.py; remove it or fix it") from None
     return {key: settings[key] for key in FOLLOWED_SETTINGS if key in settings}
+
+
+def checkpoint_settings(checkpoint_dir: str | Path) -> dict:
+    """The FOLLOWED_SETTINGS of the run a train.py checkpoint belongs to, recorded by flag in the checkpoint."""
+    path = Path(checkpoint_dir) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))["settings"]
+        return {key: settings[flag(key)] for key in FOLLOWED_SETTINGS if flag(key) in settings}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a checkpoint's settings written by train.py; remove it or fix it") from None
 
 
 def follow_training(adapter_dirs: list[str], given: dict) -> dict:

@@ -140,6 +140,32 @@ def lora_variant(settings: dict) -> str:
     return ", ".join(variants) or "plain LoRA"
 
 
+def cost_rows(summary: dict) -> list[tuple[str, str]]:
+    """Throughput, peak memory and MFU of the run, and with --keep-best which checkpoint the adapter is."""
+    peaks = ", ".join(f"{peak:,.0f}" for peak in summary.get("peak_memory_mib", []))
+    rows = [
+        (
+            "training throughput",
+            f"{number(summary.get('examples_per_second'), 2)} examples/s, "
+            f"{number(summary.get('tokens_per_second'), 0)} non-padding tokens/s over "
+            f"{duration(summary.get('training_step_seconds'))} inside optimizer steps "
+            "(start-up, evaluation, checkpoints and logging excluded)",
+        ),
+        ("peak memory", f"{peaks or 'n/a'} MiB ({summary.get('peak_memory_measure', 'n/a')})"),
+        ("model FLOPs utilisation", "n/a" if summary.get("mfu") is None else f"{summary['mfu']:.1%}"),
+    ]
+    if best := summary.get("kept_best"):
+        rows.append(
+            (
+                "adapter (--keep-best)",
+                f"checkpoint of step {number(best['step'])}, validation content loss "
+                f"{number(best['validation_content_loss'])} (last evaluation, step "
+                f"{number(best['last_evaluated_step'])}: {number(best['last_validation_content_loss'])})",
+            )
+        )
+    return rows
+
+
 def training_section(summary: dict, settings: dict) -> str:
     share = "n/a"
     if summary.get("trainable_parameters") and summary.get("base_parameters"):
@@ -151,6 +177,7 @@ def training_section(summary: dict, settings: dict) -> str:
         ("effective batch", number(summary.get("effective_batch"))),
         ("tokens trained on", number(summary.get("tokens_trained_on"))),
         ("runtime", duration(summary.get("runtime_seconds"))),
+        *cost_rows(summary),
         (
             "train loss (first, last)",
             f"{number(summary.get('first_train_loss'))}, {number(summary.get('last_train_loss'))}",

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class SummaryTrainer(Trainer):
         self.validation_examples = list(validation_examples)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
+        self.examples_seen = 0
         self.loss_is_finite = torch.ones((), dtype=torch.bool, device=self.args.device)
         self.batch_shape: tuple[int, ...] | None = None  # of the micro-batch in progress, for out-of-memory reports
         # File name -> JSON payload, written into every checkpoint before it is renamed into place.
@@ -231,6 +233,7 @@ class SummaryTrainer(Trainer):
             loss = token_losses.sum() / num_items_in_batch * self.accelerator.num_processes
         if model.training:
             self.tokens_seen += inputs["attention_mask"].sum()
+            self.examples_seen += len(inputs["input_ids"])
             self.loss_is_finite &= torch.isfinite(loss.detach())
         return (loss, {}) if return_outputs else loss
 
@@ -274,7 +277,7 @@ class SummaryTrainer(Trainer):
                 checkpoint.rename(target)
             staging_dir.rmdir()
             # The Trainer's own rotation ran inside the staging folder, where only the newest checkpoint is.
-            rotate_checkpoints(str(final_dir), self.args.save_total_limit)
+            rotate_checkpoints(str(final_dir), self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint_into(self, staging_dir: Path, model, trial) -> None:
@@ -282,12 +285,22 @@ class SummaryTrainer(Trainer):
         self.args.output_dir = str(staging_dir)
         try:
             super()._save_checkpoint(model, trial)
+            self.state.best_model_checkpoint = self.best_checkpoint_once_renamed(Path(final_dir))
             if self.is_world_process_zero():
                 checkpoint = staging_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                if self.state.best_model_checkpoint:  # the state saved by the Trainer named the staging folder
+                    self.state.save_to_json(str(checkpoint / TRAINER_STATE_NAME))
                 for name, payload in self.checkpoint_json.items():
                     write_json(checkpoint / name, payload)
         finally:
             self.args.output_dir = final_dir
+
+    def best_checkpoint_once_renamed(self, final_dir: Path) -> str | None:
+        """The best checkpoint's final folder (the Trainer named the staging one), found by its step, so that
+        rotation keeps it and a resumed run restores it; None without --keep-best or before any evaluation."""
+        step = self.state.best_global_step
+        folder = final_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        return str(folder) if step and (step == self.state.global_step or folder.is_dir()) else None
 
 
 def checkpoint_disk_full(checkpoint_dir: Path) -> DiskFull:
@@ -450,12 +463,46 @@ class JsonlLogger(TrainerCallback):
                 log_file.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class StepTimer(TrainerCallback):
+    """Seconds inside optimizer steps (forward, backward, optimizer), from each step's start to its end.
+
+    Evaluation, checkpoints, logging and the loading of each step's micro-batches happen between steps and are
+    left out, as is the start-up before the first step.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.step_began: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels must finish inside the step's time
+        self.seconds += time.perf_counter() - self.step_began
+
+
+def tokens_per_second(trainer: SummaryTrainer, timer: StepTimer) -> float | None:
+    """Non-padding tokens trained on per second of optimizer steps, summed over processes (every one calls it)."""
+    tokens = int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum"))
+    return tokens / timer.seconds if timer.seconds > 0 else None
+
+
 class LossProgressCallback(ProgressCallback):
-    """The Trainer's tqdm bar (steps, ETA) with the latest losses as its postfix instead of printed dicts."""
+    """The Trainer's tqdm bar (steps, ETA) with the latest losses and tokens/s as its postfix, not printed dicts."""
+
+    def __init__(self, trainer: SummaryTrainer, timer: StepTimer):
+        super().__init__()
+        self.trainer, self.timer = trainer, timer
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        # Every process logs the train loss at the same steps: the token count is summed over them there.
+        rate = tokens_per_second(self.trainer, self.timer) if logs and "loss" in logs else None
         if state.is_world_process_zero and self.training_bar is not None and logs:
             shown = {key: f"{logs[key]:.4f}" for key in ("loss", "eval_loss") if key in logs}
+            if rate is not None:
+                shown["tokens/s"] = f"{rate:,.0f}"
             if shown:
                 self.training_bar.set_postfix(shown, refresh=False)
 
@@ -495,8 +542,11 @@ def build_trainer(
         processing_class=tokenizer,
     )
     guard = StepBoundaryStop(trainer)
+    trainer.step_timer = StepTimer()
     trainer.remove_callback(ProgressCallback)
-    for callback in (LossProgressCallback(), JsonlLogger(log_dir / "train_log.jsonl"), guard):
+    progress = LossProgressCallback(trainer, trainer.step_timer)
+    # The timer comes after the guard, whose per-step flag check is part of the step.
+    for callback in (progress, JsonlLogger(log_dir / "train_log.jsonl"), guard, trainer.step_timer):
         trainer.add_callback(callback)
     if tensorboard and trainer.is_world_process_zero():
         trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(log_dir / "runs"))))
