@@ -31,11 +31,18 @@ from pathlib import Path
 from lora_summarization.cli import RunFailed, UsageError, config_as_dict, run_stage, write_atomic, write_json
 from lora_summarization.comparison import (
     BASE,
+    FINE_TUNED,
     PREDICTIONS_FILE,
+    RESULTS_FILE,
+    arm_summaries,
+    column_settings,
+    compare_arms,
+    group_arms,
     model_columns,
     read_jsonl,
     read_run,
     run_labels,
+    seed_note,
     shared_ids,
 )
 from lora_summarization.data import TEST_FILE, read_records
@@ -48,12 +55,14 @@ from lora_summarization.evaluation import (
     OutOfMemoryInPass,
     TestSet,
     chart_png,
-    compare_all,
+    compare_models,
     encode_test_set,
     follow_training,
     format_report,
+    mean_words,
     rouge_scores,
     score_model,
+    training_settings,
 )
 from lora_summarization.export import trained_on
 from lora_summarization.model_card import add_evaluation
@@ -113,10 +122,8 @@ class EvalConfig:
     debug: bool = field(default=False, metadata={"help": "print the traceback of a usage error"})
 
 
-RESULTS_FILE = "evaluation_results.json"
 CHART_FILE = "evaluation_chart.png"
 COMPARISON_FILE = "comparison_results.json"
-FINE_TUNED = "fine_tuned"  # the row of the adapter when there is only one
 PLAIN_MODEL = "model"  # the row of --model scored alone (--adapter none)
 
 
@@ -138,10 +145,36 @@ def main(config: EvalConfig) -> int:
             f"evaluate.py {error}; pass a smaller --batch-size (now {config.batch_size}), "
             "or --precision bf16 on GPUs that support it"
         ) from error
-    comparisons = compare_all(scores, BASE, config.bootstrap_samples, config.seed)
-    save_outputs(config, records, scores, comparisons, adapters, str(model.device))
-    print(format_report({name: s.summary() for name, s in scores.items()}, comparisons))
+    settings = {name: training_settings(folder) for name, folder in adapters.items()}
+    study = study_results(scores, settings, test_set.references, config)
+    save_outputs(config, records, scores, study, adapters, str(model.device))
+    print(study_report(study))
     return 0
+
+
+def study_results(scores: dict[str, ModelScores], settings: dict, references: list[str], config: EvalConfig) -> dict:
+    """The models' summaries, their arms (adapters equal but for the seed) and the arms' two-level comparisons.
+
+    `settings` holds the training settings of the rows that have them."""
+    rows = {name: settings.get(name) for name in scores if name != BASE}
+    arms = {**({BASE: [BASE]} if BASE in scores else {}), **group_arms(rows)}
+    summaries = {name: model_scores.summary() for name, model_scores in scores.items()}
+    seeds = {row: (row_settings or {}).get("seed") for row, row_settings in settings.items()}
+    generated = next(iter(scores.values())).predictions is not None
+    return {
+        "models": summaries,
+        **({"reference_words": mean_words(references)} if generated else {}),
+        **({"arms": arm_summaries(summaries, arms, seeds)} if any(len(rows) > 1 for rows in arms.values()) else {}),
+        "comparisons": compare_arms(scores, arms, config.bootstrap_samples, config.seed),
+        "seed_note": seed_note(arms),
+        "training_settings": settings,
+    }
+
+
+def study_report(study: dict) -> str:
+    return format_report(
+        study["models"], study["comparisons"], study.get("arms"), study.get("reference_words"), study["seed_note"]
+    )
 
 
 def check_inputs(config: EvalConfig) -> tuple[list[dict], dict[str, str]]:
@@ -251,9 +284,8 @@ def score(model, tokenizer, test_set: TestSet, config: EvalConfig, name: str) ->
     )
 
 
-def card_results(results: dict, name: str) -> dict:
+def card_results(results: dict, name: str, difference: dict) -> dict:
     """What one adapter's model card shows: the base, this adapter, and the difference between them."""
-    (difference,) = [c["difference"] for c in results["comparisons"] if (c["model"], c["against"]) == (name, BASE)]
     return {
         "n": results["n"],
         BASE: results["models"][BASE],
@@ -262,9 +294,7 @@ def card_results(results: dict, name: str) -> dict:
     }
 
 
-def save_outputs(
-    config: EvalConfig, records, scores: dict, comparisons: list[dict], adapters: dict, device: str
-) -> None:
+def save_outputs(config: EvalConfig, records, scores: dict, study: dict, adapters: dict, device: str) -> None:
     output_dir = Path(config.output_dir)
     first = next(iter(scores.values()))
     settings = {**config_as_dict(config), "device": device}
@@ -274,21 +304,31 @@ def save_outputs(
         "n": len(records),
         "label_tokens": int(first.label_tokens.sum()),
         "content_tokens": int(first.content_tokens.sum()),
-        "models": {name: model_scores.summary() for name, model_scores in scores.items()},
-        "comparisons": comparisons,
+        **study,
         "adapters": adapters,
         "settings": settings,
     }
+    differences = card_differences(scores, study["comparisons"], list(adapters), config)
     if list(adapters) == [FINE_TUNED]:
-        results.update(card_results(results, FINE_TUNED))  # the one-adapter fields, as before several adapters
+        results.update(card_results(results, FINE_TUNED, differences[FINE_TUNED]))  # as before several adapters
     # The results file goes last: a run stopped while writing leaves no results beside partial outputs.
     (output_dir / RESULTS_FILE).unlink(missing_ok=True)
     write_atomic(output_dir / PREDICTIONS_FILE, predictions_text(records, scores))
-    write_atomic(output_dir / CHART_FILE, chart_png(results["models"], comparisons))
+    write_atomic(output_dir / CHART_FILE, chart_png(results["models"], study["comparisons"]))
     write_json(output_dir / RESULTS_FILE, results)
-    cards = [add_evaluation(folder, card_results(results, name)) for name, folder in adapters.items()]
+    cards = [
+        add_evaluation(folder, card_results(results, name, differences[name])) for name, folder in adapters.items()
+    ]
     added = f"; metrics added to {', '.join(map(str, cards))}" if cards else ""
     print(f"wrote {RESULTS_FILE}, {PREDICTIONS_FILE} and {CHART_FILE} to {output_dir}{added}")
+
+
+def card_differences(scores: dict[str, ModelScores], comparisons: list[dict], names: list[str], config: EvalConfig):
+    """Each adapter against the base, as its model card shows it: the study's comparison where the adapter is an
+    arm of its own, else a paired bootstrap of its own."""
+    against_base = {c["model"]: c["difference"] for c in comparisons if c["against"] == BASE}
+    samples, seed = config.bootstrap_samples, config.seed
+    return {name: against_base.get(name) or compare_models(scores[BASE], scores[name], samples, seed) for name in names}
 
 
 def predictions_text(records: list[dict], scores: dict[str, ModelScores]) -> str:
@@ -327,26 +367,25 @@ def rescore(config: EvalConfig) -> None:
 
 def compare_runs(config: EvalConfig) -> int:
     """Score every model column of finished runs' prediction files on the ids they share; no model is loaded."""
-    runs = {label: read_run(Path(path)) for label, path in run_labels(config.compare).items()}
+    labels = run_labels(config.compare)
+    runs = {label: read_run(Path(path)) for label, path in labels.items()}
     ids, dropped = shared_ids(runs)
     references = [next(iter(runs.values()))[example_id]["reference"] for example_id in ids]
     columns = model_columns(runs, ids)
     scores = {
         name: ModelScores(predictions=texts, rouge=rouge_scores(texts, references)) for name, texts in columns.items()
     }
-    comparisons = compare_all(scores, BASE, config.bootstrap_samples, config.seed)
-    summaries = {name: model_scores.summary() for name, model_scores in scores.items()}
+    study = study_results(scores, column_settings(labels, list(columns)), references, config)
     results = {
         "n": len(ids),
         "ids_not_in_every_file": dropped,
         "files": dict(zip(runs, config.compare, strict=True)),
-        "models": summaries,
-        "comparisons": comparisons,
+        **study,
         "settings": {"bootstrap_samples": config.bootstrap_samples, "seed": config.seed},
     }
     write_json(Path(config.output_dir) / COMPARISON_FILE, results)
     print(f"{len(ids):,} test ids in every file; {dropped:,} ids in some files only were left out")
-    print(format_report(summaries, comparisons))
+    print(study_report(study))
     print(f"wrote {COMPARISON_FILE} to {config.output_dir}")
     return 0
 
