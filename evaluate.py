@@ -34,16 +34,11 @@ from lora_summarization.comparison import (
     FINE_TUNED,
     PREDICTIONS_FILE,
     RESULTS_FILE,
-    arm_summaries,
     column_settings,
-    compare_arms,
-    group_arms,
-    model_columns,
+    read_compared_runs,
     read_jsonl,
-    read_run,
-    run_labels,
-    seed_note,
-    shared_ids,
+    study_report,
+    study_results,
 )
 from lora_summarization.data import TEST_FILE, read_records
 from lora_summarization.evaluation import (
@@ -58,8 +53,6 @@ from lora_summarization.evaluation import (
     compare_models,
     encode_test_set,
     follow_training,
-    format_report,
-    mean_words,
     rouge_scores,
     score_model,
     training_settings,
@@ -146,35 +139,10 @@ def main(config: EvalConfig) -> int:
             "or --precision bf16 on GPUs that support it"
         ) from error
     settings = {name: training_settings(folder) for name, folder in adapters.items()}
-    study = study_results(scores, settings, test_set.references, config)
+    study = study_results(scores, settings, test_set.references, config.bootstrap_samples, config.seed)
     save_outputs(config, records, scores, study, adapters, str(model.device))
     print(study_report(study))
     return 0
-
-
-def study_results(scores: dict[str, ModelScores], settings: dict, references: list[str], config: EvalConfig) -> dict:
-    """The models' summaries, their arms (adapters equal but for the seed) and the arms' two-level comparisons.
-
-    `settings` holds the training settings of the rows that have them."""
-    rows = {name: settings.get(name) for name in scores if name != BASE}
-    arms = {**({BASE: [BASE]} if BASE in scores else {}), **group_arms(rows)}
-    summaries = {name: model_scores.summary() for name, model_scores in scores.items()}
-    seeds = {row: (row_settings or {}).get("seed") for row, row_settings in settings.items()}
-    generated = next(iter(scores.values())).predictions is not None
-    return {
-        "models": summaries,
-        **({"reference_words": mean_words(references)} if generated else {}),
-        **({"arms": arm_summaries(summaries, arms, seeds)} if any(len(rows) > 1 for rows in arms.values()) else {}),
-        "comparisons": compare_arms(scores, arms, config.bootstrap_samples, config.seed),
-        "seed_note": seed_note(arms),
-        "training_settings": settings,
-    }
-
-
-def study_report(study: dict) -> str:
-    return format_report(
-        study["models"], study["comparisons"], study.get("arms"), study.get("reference_words"), study["seed_note"]
-    )
 
 
 def check_inputs(config: EvalConfig) -> tuple[list[dict], dict[str, str]]:
@@ -367,24 +335,22 @@ def rescore(config: EvalConfig) -> None:
 
 def compare_runs(config: EvalConfig) -> int:
     """Score every model column of finished runs' prediction files on the ids they share; no model is loaded."""
-    labels = run_labels(config.compare)
-    runs = {label: read_run(Path(path)) for label, path in labels.items()}
-    ids, dropped = shared_ids(runs)
-    references = [next(iter(runs.values()))[example_id]["reference"] for example_id in ids]
-    columns = model_columns(runs, ids)
+    runs = read_compared_runs(config.compare)
     scores = {
-        name: ModelScores(predictions=texts, rouge=rouge_scores(texts, references)) for name, texts in columns.items()
+        name: ModelScores(predictions=texts, rouge=rouge_scores(texts, runs.references))
+        for name, texts in runs.columns.items()
     }
-    study = study_results(scores, column_settings(labels, list(columns)), references, config)
+    settings = column_settings(runs.files, list(scores))
+    study = study_results(scores, settings, runs.references, config.bootstrap_samples, config.seed)
     results = {
-        "n": len(ids),
-        "ids_not_in_every_file": dropped,
-        "files": dict(zip(runs, config.compare, strict=True)),
+        "n": len(runs.ids),
+        "ids_not_in_every_file": runs.dropped,
+        "files": runs.files,
         **study,
         "settings": {"bootstrap_samples": config.bootstrap_samples, "seed": config.seed},
     }
     write_json(Path(config.output_dir) / COMPARISON_FILE, results)
-    print(f"{len(ids):,} test ids in every file; {dropped:,} ids in some files only were left out")
+    print(f"{len(runs.ids):,} test ids in every file; {runs.dropped:,} ids in some files only were left out")
     print(study_report(study))
     print(f"wrote {COMPARISON_FILE} to {config.output_dir}")
     return 0

@@ -1,15 +1,25 @@
-"""Finished runs side by side: prediction files read and matched on the test ids they share."""
+"""Runs side by side: prediction files read and matched on the test ids they share, adapters grouped into arms of
+seeds, and the two-level bootstrap between arms."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .cli import UsageError
-from .evaluation import COMPARED, LOWER_IS_BETTER, ModelScores, bootstrap_summary, comparison_plan
+from .evaluation import (
+    COMPARED,
+    LOWER_IS_BETTER,
+    ModelScores,
+    bootstrap_summary,
+    comparison_plan,
+    format_report,
+    mean_words,
+)
 from .prompts import extract_summary
 
 PREDICTIONS_FILE = "evaluation_predictions.jsonl"
@@ -37,6 +47,23 @@ def read_jsonl(path: Path, flag: str) -> list[dict]:
     if not lines:
         raise UsageError(f"{path} holds no lines to score")
     return lines
+
+
+@dataclass
+class ComparedRuns:
+    files: dict[str, str]  # each --compare file by its label
+    ids: list[str]  # the test ids every file holds, in the first file's order
+    dropped: int  # ids some files leave out
+    references: list[str]
+    columns: dict[str, list[str]]  # see model_columns
+
+
+def read_compared_runs(paths: list[str]) -> ComparedRuns:
+    files = run_labels(paths)
+    runs = {label: read_run(Path(path)) for label, path in files.items()}
+    ids, dropped = shared_ids(runs)
+    references = [next(iter(runs.values()))[example_id]["reference"] for example_id in ids]
+    return ComparedRuns(files, ids, dropped, references, model_columns(runs, ids))
 
 
 def run_labels(paths: list[str]) -> dict[str, str]:
@@ -288,3 +315,30 @@ def seed_note(arms: dict[str, list[str]]) -> str:
             f"seeds underestimates their spread): {', '.join(some)}"
         )
     return "; ".join(parts)
+
+
+def study_results(
+    scores: dict[str, ModelScores], settings: dict, references: list[str], samples: int, seed: int
+) -> dict:
+    """The models' summaries, their arms (adapters equal but for the seed) and the arms' two-level comparisons.
+
+    `settings` holds the training settings of the rows that have them."""
+    rows = {name: settings.get(name) for name in scores if name != BASE}
+    arms = {**({BASE: [BASE]} if BASE in scores else {}), **group_arms(rows)}
+    summaries = {name: model_scores.summary() for name, model_scores in scores.items()}
+    seeds = {row: (row_settings or {}).get("seed") for row, row_settings in settings.items()}
+    generated = next(iter(scores.values())).predictions is not None
+    return {
+        "models": summaries,
+        **({"reference_words": mean_words(references)} if generated else {}),
+        **({"arms": arm_summaries(summaries, arms, seeds)} if any(len(rows) > 1 for rows in arms.values()) else {}),
+        "comparisons": compare_arms(scores, arms, samples, seed),
+        "seed_note": seed_note(arms),
+        "training_settings": settings,
+    }
+
+
+def study_report(study: dict) -> str:
+    return format_report(
+        study["models"], study["comparisons"], study.get("arms"), study.get("reference_words"), study["seed_note"]
+    )
