@@ -29,6 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_summarization.cli import RunFailed, UsageError, config_as_dict, run_stage, write_atomic, write_json
+from lora_summarization.comparison import (
+    BASE,
+    FINE_TUNED,
+    PREDICTIONS_FILE,
+    RESULTS_FILE,
+    column_settings,
+    read_compared_runs,
+    read_jsonl,
+    study_report,
+    study_results,
+)
 from lora_summarization.data import TEST_FILE, read_records
 from lora_summarization.disk_space import DiskFull, disk_full_reported
 from lora_summarization.evaluation import (
@@ -40,12 +51,12 @@ from lora_summarization.evaluation import (
     OutOfMemoryInPass,
     TestSet,
     chart_png,
-    compare_all,
+    compare_models,
     encode_test_set,
     follow_training,
-    format_report,
     rouge_scores,
     score_model,
+    training_settings,
 )
 from lora_summarization.export import trained_on
 from lora_summarization.model_card import add_evaluation
@@ -105,14 +116,9 @@ class EvalConfig:
     debug: bool = field(default=False, metadata={"help": "print the traceback of a usage error"})
 
 
-RESULTS_FILE = "evaluation_results.json"
-PREDICTIONS_FILE = "evaluation_predictions.jsonl"
 CHART_FILE = "evaluation_chart.png"
 COMPARISON_FILE = "comparison_results.json"
-BASE = "base"  # the base model's row, with every adapter disabled
-FINE_TUNED = "fine_tuned"  # the row of the adapter when there is only one
 PLAIN_MODEL = "model"  # the row of --model scored alone (--adapter none)
-MIN_SHARED_IDS = 20
 
 
 def main(config: EvalConfig) -> int:
@@ -133,9 +139,10 @@ def main(config: EvalConfig) -> int:
             f"evaluate.py {error}; pass a smaller --batch-size (now {config.batch_size}), "
             "or --precision bf16 on GPUs that support it"
         ) from error
-    comparisons = compare_all(scores, BASE, config.bootstrap_samples, config.seed)
-    save_outputs(config, records, scores, comparisons, adapters, str(model.device))
-    print(format_report({name: s.summary() for name, s in scores.items()}, comparisons))
+    settings = {name: training_settings(folder) for name, folder in adapters.items()}
+    study = study_results(scores, settings, test_set.references, config.bootstrap_samples, config.seed)
+    save_outputs(config, records, scores, study, adapters, str(model.device))
+    print(study_report(study))
     return 0
 
 
@@ -246,9 +253,8 @@ def score(model, tokenizer, test_set: TestSet, config: EvalConfig, name: str) ->
     )
 
 
-def card_results(results: dict, name: str) -> dict:
+def card_results(results: dict, name: str, difference: dict) -> dict:
     """What one adapter's model card shows: the base, this adapter, and the difference between them."""
-    (difference,) = [c["difference"] for c in results["comparisons"] if (c["model"], c["against"]) == (name, BASE)]
     return {
         "n": results["n"],
         BASE: results["models"][BASE],
@@ -257,9 +263,7 @@ def card_results(results: dict, name: str) -> dict:
     }
 
 
-def save_outputs(
-    config: EvalConfig, records, scores: dict, comparisons: list[dict], adapters: dict, device: str
-) -> None:
+def save_outputs(config: EvalConfig, records, scores: dict, study: dict, adapters: dict, device: str) -> None:
     output_dir = Path(config.output_dir)
     first = next(iter(scores.values()))
     settings = {**config_as_dict(config), "device": device}
@@ -269,21 +273,23 @@ def save_outputs(
         "n": len(records),
         "label_tokens": int(first.label_tokens.sum()),
         "content_tokens": int(first.content_tokens.sum()),
-        "models": {name: model_scores.summary() for name, model_scores in scores.items()},
-        "comparisons": comparisons,
+        **study,
         "adapters": adapters,
         "settings": settings,
     }
+    differences = card_differences(scores, study["comparisons"], list(adapters), config)
     if list(adapters) == [FINE_TUNED]:
-        results.update(card_results(results, FINE_TUNED))  # the one-adapter fields, as before several adapters
+        results.update(card_results(results, FINE_TUNED, differences[FINE_TUNED]))  # as before several adapters
     # The results file goes last: a run stopped while writing leaves no results beside partial outputs.
     (output_dir / RESULTS_FILE).unlink(missing_ok=True)
     predictions = predictions_text(records, scores)
     with disk_full_reported(output_dir, lambda: outputs_disk_full(output_dir, predictions)):
         write_atomic(output_dir / PREDICTIONS_FILE, predictions)
-        write_atomic(output_dir / CHART_FILE, chart_png(results["models"], comparisons))
+        write_atomic(output_dir / CHART_FILE, chart_png(results["models"], study["comparisons"]))
         write_json(output_dir / RESULTS_FILE, results)
-    cards = [add_evaluation(folder, card_results(results, name)) for name, folder in adapters.items()]
+    cards = [
+        add_evaluation(folder, card_results(results, name, differences[name])) for name, folder in adapters.items()
+    ]
     added = f"; metrics added to {', '.join(map(str, cards))}" if cards else ""
     print(f"wrote {RESULTS_FILE}, {PREDICTIONS_FILE} and {CHART_FILE} to {output_dir}{added}")
 
@@ -291,6 +297,14 @@ def save_outputs(
 def outputs_disk_full(output_dir: Path, predictions: str) -> DiskFull:
     needed = len(predictions.encode("utf-8"))
     return DiskFull(output_dir, PREDICTIONS_FILE, needed, "free space, then rerun the same evaluate.py command")
+
+
+def card_differences(scores: dict[str, ModelScores], comparisons: list[dict], names: list[str], config: EvalConfig):
+    """Each adapter against the base, as its model card shows it: the study's comparison where the adapter is an
+    arm of its own, else a paired bootstrap of its own."""
+    against_base = {c["model"]: c["difference"] for c in comparisons if c["against"] == BASE}
+    samples, seed = config.bootstrap_samples, config.seed
+    return {name: against_base.get(name) or compare_models(scores[BASE], scores[name], samples, seed) for name in names}
 
 
 def predictions_text(records: list[dict], scores: dict[str, ModelScores]) -> str:
@@ -327,125 +341,27 @@ def rescore(config: EvalConfig) -> None:
         print(f"{METRIC_NAMES[name]:<11}{100 * mean:>8.2f}")
 
 
-def read_jsonl(path: Path, flag: str) -> list[dict]:
-    """The JSON objects of a JSONL file (blank lines skipped); refused when missing, malformed or empty."""
-    if not path.is_file():
-        raise UsageError(f"{path} not found; pass {flag} with a JSONL file of predictions")
-    lines = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{path} line {number} is not valid JSON ({error.msg})") from None
-        if not isinstance(value, dict):
-            raise UsageError(f"{path} line {number} is not a JSON object")
-        lines.append(value)
-    if not lines:
-        raise UsageError(f"{path} holds no lines to score")
-    return lines
-
-
 def compare_runs(config: EvalConfig) -> int:
     """Score every model column of finished runs' prediction files on the ids they share; no model is loaded."""
-    runs = {label: read_run(Path(path)) for label, path in run_labels(config.compare).items()}
-    ids, dropped = shared_ids(runs)
-    references = [next(iter(runs.values()))[example_id]["reference"] for example_id in ids]
-    columns = model_columns(runs, ids)
+    runs = read_compared_runs(config.compare)
     scores = {
-        name: ModelScores(predictions=texts, rouge=rouge_scores(texts, references)) for name, texts in columns.items()
+        name: ModelScores(predictions=texts, rouge=rouge_scores(texts, runs.references))
+        for name, texts in runs.columns.items()
     }
-    comparisons = compare_all(scores, BASE, config.bootstrap_samples, config.seed)
-    summaries = {name: model_scores.summary() for name, model_scores in scores.items()}
+    settings = column_settings(runs.files, list(scores))
+    study = study_results(scores, settings, runs.references, config.bootstrap_samples, config.seed)
     results = {
-        "n": len(ids),
-        "ids_not_in_every_file": dropped,
-        "files": dict(zip(runs, config.compare, strict=True)),
-        "models": summaries,
-        "comparisons": comparisons,
+        "n": len(runs.ids),
+        "ids_not_in_every_file": runs.dropped,
+        "files": runs.files,
+        **study,
         "settings": {"bootstrap_samples": config.bootstrap_samples, "seed": config.seed},
     }
     write_json(Path(config.output_dir) / COMPARISON_FILE, results)
-    print(f"{len(ids):,} test ids in every file; {dropped:,} ids in some files only were left out")
-    print(format_report(summaries, comparisons))
+    print(f"{len(runs.ids):,} test ids in every file; {runs.dropped:,} ids in some files only were left out")
+    print(study_report(study))
     print(f"wrote {COMPARISON_FILE} to {config.output_dir}")
     return 0
-
-
-def run_labels(paths: list[str]) -> dict[str, str]:
-    """Each file by a short label: its folder's name for an evaluation_predictions.jsonl, else its stem."""
-    labels: dict[str, str] = {}
-    for path in paths:
-        resolved = Path(path).resolve()
-        label = resolved.parent.name if resolved.name == PREDICTIONS_FILE else resolved.stem
-        if label in labels:
-            same = Path(labels[label]).resolve() == resolved
-            raise UsageError(
-                f"--compare lists {path} twice; give each file once"
-                if same
-                else f"--compare files {labels[label]} and {path} would both be named '{label}'; rename one of them"
-            )
-        labels[label] = path
-    return labels
-
-
-def read_run(path: Path) -> dict[str, dict]:
-    """A predictions file's lines by id; each needs an id, a reference, and a prediction or model columns."""
-    lines = read_jsonl(path, "--compare")
-    by_id = {}
-    for number, line in enumerate(lines, start=1):
-        if not (isinstance(line.get("id"), str) and isinstance(line.get("reference"), str)):
-            raise UsageError(f'{path} line {number} needs the text fields "id" and "reference"')
-        by_id[line["id"]] = line
-    if not any(line_columns(line) for line in lines):
-        raise UsageError(f"{path} holds no predictions (was it written with --no-generate?); pass files with some")
-    return by_id
-
-
-def line_columns(line: dict) -> dict[str, str]:
-    """The predictions on one line: model columns of our own files, or one outside `prediction` (key '')."""
-    if isinstance(line.get("prediction"), str):
-        return {"": extract_summary(line["prediction"])}
-    return {
-        name: value["prediction"]
-        for name, value in line.items()
-        if isinstance(value, dict) and isinstance(value.get("prediction"), str)
-    }
-
-
-def shared_ids(runs: dict[str, dict]) -> tuple[list[str], int]:
-    """The ids in every file, in the first file's order, and how many ids the others leave out; refused when the
-    files disagree on a reference (other test sets) or share fewer than MIN_SHARED_IDS."""
-    files = list(runs.values())
-    ids = [example_id for example_id in files[0] if all(example_id in run for run in files[1:])]
-    every_id = set().union(*files)
-    for example_id in ids:
-        if len({run[example_id]["reference"] for run in files}) > 1:
-            raise UsageError(
-                f"test id {example_id} has different references in the --compare files, so they come from different "
-                "test sets; compare runs evaluated on the same data"
-            )
-    if len(ids) < MIN_SHARED_IDS:
-        raise UsageError(
-            f"the --compare files share {len(ids)} test ids, fewer than {MIN_SHARED_IDS}: too few for a comparison"
-        )
-    return ids, len(every_id) - len(ids)
-
-
-def model_columns(runs: dict[str, dict], ids: list[str]) -> dict[str, list[str]]:
-    """Predictions per model column on `ids`: `label/column` for each file's models, or `label` for outside
-    predictions; base columns that agree on every prediction are kept once, as `base`."""
-    columns: dict[str, list[str]] = {}
-    for label, run in runs.items():
-        names = line_columns(run[ids[0]])
-        for name in names:
-            texts = [line_columns(run[example_id]).get(name, "") for example_id in ids]
-            if name == BASE and columns.get(BASE, texts) == texts:
-                columns[BASE] = texts
-            else:
-                columns[f"{label}/{name}" if name else label] = texts
-    return dict(sorted(columns.items(), key=lambda column: column[0] != BASE))  # the base's row first
 
 
 if __name__ == "__main__":

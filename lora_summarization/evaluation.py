@@ -36,6 +36,8 @@ METRIC_NAMES = {
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
     "rougeLsum": "ROUGE-Lsum",
+    "summary_words": "words",  # ROUGE F1 moves with length: the mean length of the summaries, and the empty ones
+    "empty_predictions": "empty",
 }
 TABLE_COLUMNS = tuple(METRIC_NAMES)
 COMPARED = ("loss", "content_loss", *ROUGE_TYPES)  # the metrics a paired bootstrap compares
@@ -54,16 +56,24 @@ DEFAULTS = {"system_prompt": None, "max_length": 512}
 FOLLOWED_SETTINGS = tuple(DEFAULTS)
 
 
-def trained_settings(adapter_dir: str | Path) -> dict:
-    """The FOLLOWED_SETTINGS recorded in the adapter's training_summary.json, or for a checkpoint in its
-    resume_settings.json (none when it has neither)."""
+def training_settings(adapter_dir: str | Path) -> dict | None:
+    """Every setting train.py recorded in the adapter's training_summary.json; None when it has no summary."""
     path = Path(adapter_dir) / TRAINING_SUMMARY_FILE
     if not path.is_file():
-        return checkpoint_settings(adapter_dir)
+        return None
     try:
         settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
     except (json.JSONDecodeError, AttributeError):
         raise UsageError(f"{path} is not a training summary written by train.py; remove it or fix it") from None
+    return settings
+
+
+def trained_settings(adapter_dir: str | Path) -> dict:
+    """The FOLLOWED_SETTINGS recorded in the adapter's training_summary.json, or for a checkpoint in its
+    resume_settings.json (none when it has neither)."""
+    settings = training_settings(adapter_dir)
+    if settings is None:
+        return checkpoint_settings(adapter_dir)
     return {key: settings[key] for key in FOLLOWED_SETTINGS if key in settings}
 
 
@@ -153,6 +163,9 @@ class ModelScores:
             result["perplexity"] = math.exp(result["loss"])
         if self.published_recipe_losses is not None:
             result["published_recipe_loss"] = float(self.published_recipe_losses.mean())
+        if self.predictions is not None:
+            result["summary_words"] = mean_words(self.predictions)
+            result["empty_predictions"] = sum(not prediction.strip() for prediction in self.predictions)
         return result
 
     def example(self, index: int) -> dict:
@@ -162,6 +175,10 @@ class ModelScores:
         if self.predictions is not None:
             result["prediction"] = self.predictions[index]
         return result
+
+
+def mean_words(texts: Sequence[str]) -> float:
+    return float(np.mean([len(text.split()) for text in texts]))
 
 
 class OutOfMemoryInPass(RuntimeError):
@@ -332,6 +349,11 @@ def paired_bootstrap(
     weights = np.ones_like(difference) if weights is None else np.asarray(weights, dtype=float)
     resampled = np.random.default_rng(seed).integers(0, len(difference), size=(samples, len(difference)))
     means = (difference * weights)[resampled].sum(axis=1) / weights[resampled].sum(axis=1)
+    return bootstrap_summary(means, difference, weights, lower_is_better)
+
+
+def bootstrap_summary(means: np.ndarray, difference: np.ndarray, weights: np.ndarray, lower_is_better: bool) -> dict:
+    """The reported figures of resampled mean differences `means` and the per-example `difference`."""
     low, high = np.percentile(means, [2.5, 97.5])
     not_better = means >= 0 if lower_is_better else means <= 0
     wins = difference < 0 if lower_is_better else difference > 0
@@ -388,18 +410,24 @@ def aligned(rows: list[tuple[str, ...]]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+PLAIN_FORMATS = {"perplexity": "{:.4g}", "summary_words": "{:.1f}", "empty_predictions": "{:,}"}
+
+
+def table_cell(metric: str, value) -> str:
+    if value is None:
+        return ""
+    if metric in PLAIN_FORMATS:
+        return PLAIN_FORMATS[metric].format(value)
+    scale, digits = scale_and_digits(metric)
+    return f"{scale * value:.{digits}f}"
+
+
 def format_models(summaries: dict[str, dict]) -> str:
     """One row per model; losses in nats per token, ROUGE as F1 x 100."""
     columns = [name for name in TABLE_COLUMNS if any(name in summary for summary in summaries.values())]
     rows = [("model", *(METRIC_NAMES[name] for name in columns))]
     for model, summary in summaries.items():
-        cells = []
-        for name in columns:
-            scale, digits = scale_and_digits(name)
-            value = summary.get(name)
-            cells.append(
-                "" if value is None else f"{value:.4g}" if name == "perplexity" else f"{scale * value:.{digits}f}"
-            )
+        cells = [table_cell(name, summary.get(name)) for name in columns]
         rows.append((model, *cells))
     table = aligned(rows)
     if "published_recipe_loss" in columns:
@@ -409,7 +437,8 @@ def format_models(summaries: dict[str, dict]) -> str:
 
 def format_comparison(comparison: dict) -> str:
     """One comparison's differences with their 95% interval, share of resamples not better, and win rate."""
-    rows = [("metric", "difference", "95% interval", "not better", "win rate")]
+    seeds = any("seed_pairs_better" in difference for difference in comparison["difference"].values())
+    rows = [("metric", "difference", "95% interval", "not better", "win rate", *(["P(better) seeds"] * seeds))]
     for name, difference in comparison["difference"].items():
         scale, digits = scale_and_digits(name)
         low, high = (scale * bound for bound in difference["ci95"])
@@ -420,13 +449,38 @@ def format_comparison(comparison: dict) -> str:
                 f"[{low:+.{digits}f}, {high:+.{digits}f}]",
                 f"{difference['share_not_better']:.1%}",
                 f"{difference['win_rate']:.1%}",
+                *([f"{difference['seed_pairs_better']:.1%}"] if seeds else []),
             )
         )
     return f"{comparison['model']} minus {comparison['against']}:\n{aligned(rows)}"
 
 
-def format_report(summaries: dict[str, dict], comparisons: list[dict]) -> str:
-    return "\n\n".join([format_models(summaries), *map(format_comparison, comparisons)])
+def format_arms(arms: dict[str, dict]) -> str:
+    """One row per arm of several seeds: the mean over seeds +- their standard deviation."""
+    columns = list(next(iter(arms.values()))["mean"])
+    rows = [("arm (mean +- sd over seeds)", "seeds", *(METRIC_NAMES[name] for name in columns))]
+    for name, arm in arms.items():
+        cells = []
+        for metric in columns:
+            scale, digits = scale_and_digits(metric)
+            cells.append(f"{scale * arm['mean'][metric]:.{digits}f} +- {scale * arm['std'][metric]:.{digits}f}")
+        rows.append((name, ",".join(map(str, arm["seeds"])), *cells))
+    return aligned(rows)
+
+
+def format_report(
+    summaries: dict[str, dict],
+    comparisons: list[dict],
+    arms: dict[str, dict] | None = None,
+    reference_words: float | None = None,
+    seed_note: str = "",
+) -> str:
+    """The models' table (with the references' mean length), the arms' table, the comparisons, the seed note."""
+    models = format_models(summaries)
+    if reference_words is not None:
+        models += f"\nreferences: {reference_words:.1f} words on average"
+    parts = [models, *([format_arms(arms)] if arms else []), *map(format_comparison, comparisons)]
+    return "\n\n".join(parts + ([f"note: {seed_note}"] if seed_note else []))
 
 
 def chart_png(summaries: dict[str, dict], comparisons: list[dict]) -> bytes:
