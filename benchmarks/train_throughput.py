@@ -105,11 +105,9 @@ def validate(config: TrainBenchConfig) -> None:
 
 def epoch_steps(lengths: list[int], batch_size: int, grad_accum: int, seed: int) -> list[IndexStep]:
     """Example indices of one epoch as the Trainer forms them: optimizer steps of micro-batches, length-grouped."""
-    group = batch_size * grad_accum
-    sampler = training.LengthGroupedEpochSampler(lengths, batch_size, training.LENGTH_GROUP_STEPS * group, seed)
-    order = list(sampler)
-    steps = [order[start : start + group] for start in range(0, len(order) - group + 1, group)]
-    return [[step[start : start + batch_size] for start in range(0, group, batch_size)] for step in steps]
+    step_size = batch_size * grad_accum
+    sampler = training.LengthGroupedEpochSampler(lengths, step_size, training.LENGTH_GROUP_STEPS, seed)
+    return [[step[start : start + batch_size] for start in range(0, step_size, batch_size)] for step in sampler.steps()]
 
 
 def padded_tokens(step: IndexStep, lengths: list[int]) -> int:

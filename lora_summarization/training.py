@@ -140,40 +140,67 @@ def model_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class LengthGroupedEpochSampler(Sampler[int]):
-    """Micro-batches of similar length, in an order that depends only on (seed, epoch): a resumed run sees the same.
+    """Optimizer steps of similar-length examples, in an order that depends only on (seed, epoch): a resumed run
+    sees the same.
 
-    Each epoch is shuffled and cut into groups of `group_size` examples; each group is sorted by length and cut
-    into micro-batches, whose order within the group is shuffled again, so the loss does not sweep from long to
-    short examples every group. The epoch's longest micro-batch goes first, so an out-of-memory shows at once.
+    Each epoch is shuffled and cut into groups of `group_steps` steps' worth of examples; each group is sorted by
+    length and cut into steps of `step_size` examples (the effective batch), whose order within the group is
+    shuffled again, so the loss does not sweep from long to short examples every group. The epoch's longest step
+    goes first, so an out-of-memory shows at once. Each step stays sorted by length, longest first, so the
+    micro-batches cut from it pad little.
+
+    Only the effective batch shapes the order: the dataloader cuts it into micro-batches, accelerate gives
+    micro-batch i to process i % processes and each process accumulates its next micro-batches, so step k trains
+    on examples [k * step_size, (k + 1) * step_size) however the batch is split into micro-batch x accumulation x
+    processes. An epoch that does not divide into steps ends in a step completed with the next-shortest examples
+    of its group, which that epoch then trains on twice: every step holds `step_size` examples (accelerate would
+    otherwise complete a DDP epoch with the epoch's first examples, and a single process would take a smaller step).
     """
 
-    def __init__(self, lengths: Sequence[int], micro_batch_size: int, group_size: int, seed: int):
-        self.lengths, self.micro_batch_size, self.seed = list(lengths), micro_batch_size, seed
-        self.group_size = max(micro_batch_size, group_size - group_size % micro_batch_size)
+    def __init__(self, lengths: Sequence[int], step_size: int, group_steps: int, seed: int):
+        self.lengths, self.step_size, self.group_steps, self.seed = list(lengths), step_size, group_steps, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return math.ceil(len(self.lengths) / self.step_size) * self.step_size
 
-    def micro_batches(self) -> list[list[int]]:
+    def steps(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        batches = []
-        for start in range(0, len(order), self.group_size):
-            group = sorted(order[start : start + self.group_size], key=lambda index: -self.lengths[index])
-            group_batches = [group[i : i + self.micro_batch_size] for i in range(0, len(group), self.micro_batch_size)]
-            batches += [group_batches[i] for i in torch.randperm(len(group_batches), generator=generator).tolist()]
-        # Only a full micro-batch may move to the front, so the batch boundaries stay where the dataloader cuts.
-        full = [i for i, batch in enumerate(batches) if len(batch) == self.micro_batch_size] or [0]
-        longest = max(full, key=lambda i: max(self.lengths[index] for index in batches[i]))
-        batches.insert(0, batches.pop(longest))
-        return batches
+        steps = []
+        for group in self._groups(order):
+            group_steps = self._cut_into_steps(self._longest_first(group))
+            steps += [group_steps[i] for i in torch.randperm(len(group_steps), generator=generator).tolist()]
+        longest = max(range(len(steps)), key=lambda i: self.lengths[steps[i][0]])
+        steps.insert(0, steps.pop(longest))
+        return steps
 
     def __iter__(self):
-        return iter([index for batch in self.micro_batches() for index in batch])
+        return iter([index for step in self.steps() for index in step])
+
+    def _groups(self, order: list[int]) -> list[list[int]]:
+        """`group_steps` steps' worth of examples each; a remainder smaller than a step joins the group before it."""
+        starts = list(range(0, len(order), self.group_steps * self.step_size))
+        if len(starts) > 1 and len(order) - starts[-1] < self.step_size:
+            starts.pop()
+        return [order[start:end] for start, end in zip(starts, [*starts[1:], len(order)], strict=True)]
+
+    def _cut_into_steps(self, group: list[int]) -> list[list[int]]:
+        """Steps from a group sorted longest first; a partial last step becomes the group's `step_size` shortest.
+
+        The group repeats only when it is smaller than one step (an epoch of fewer examples than the batch).
+        """
+        steps = [group[start : start + self.step_size] for start in range(0, len(group), self.step_size)]
+        if len(steps[-1]) < self.step_size:
+            repeated = group * math.ceil(self.step_size / len(group))
+            steps[-1] = self._longest_first(repeated[-self.step_size :])
+        return steps
+
+    def _longest_first(self, indices: list[int]) -> list[int]:
+        return sorted(indices, key=lambda index: -self.lengths[index])
 
 
 class SummaryTrainer(Trainer):
@@ -196,10 +223,7 @@ class SummaryTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         step_size = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return LengthGroupedEpochSampler(
-            [len(f["input_ids"]) for f in dataset],
-            self.args.per_device_train_batch_size,
-            group_size=LENGTH_GROUP_STEPS * step_size,
-            seed=self.args.seed,
+            [len(f["input_ids"]) for f in dataset], step_size, LENGTH_GROUP_STEPS, seed=self.args.seed
         )
 
     def create_optimizer(self, model=None):

@@ -79,7 +79,7 @@ def realistic_lengths(n: int, seed: int = 0) -> list[int]:
 
 def test_sampler_order_depends_only_on_seed_and_epoch():
     lengths = realistic_lengths(64)
-    first, second = (training.LengthGroupedEpochSampler(lengths, 2, group_size=16, seed=3) for _ in range(2))
+    first, second = (training.LengthGroupedEpochSampler(lengths, 8, group_steps=2, seed=3) for _ in range(2))
     list(first)  # the first sampler has already served epoch 0 when both move to epoch 1
     first.set_epoch(1)
     second.set_epoch(1)
@@ -90,9 +90,8 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     assert list(second) != epoch_one
 
 
-def step_length_trend(micro_batches: list[list[int]], lengths: list[int], steps_per_group: int, micro_per_step: int):
+def step_length_trend(steps: list[list[int]], lengths: list[int], steps_per_group: int):
     """Mean correlation, over groups, between a step's position in its group and its mean example length."""
-    steps = [sum(micro_batches[i : i + micro_per_step], []) for i in range(0, len(micro_batches), micro_per_step)]
     step_means = torch.tensor([sum(lengths[i] for i in step) / len(step) for step in steps])
     groups = step_means[: len(step_means) // steps_per_group * steps_per_group].view(-1, steps_per_group)
     positions = torch.arange(steps_per_group, dtype=torch.float).expand_as(groups)
@@ -101,21 +100,23 @@ def step_length_trend(micro_batches: list[list[int]], lengths: list[int], steps_
     ).mean()
 
 
-def test_sampler_keeps_micro_batches_similar_in_length_without_a_long_to_short_sweep():
+def test_sampler_keeps_steps_similar_in_length_without_a_long_to_short_sweep():
     lengths = realistic_lengths(4000)
-    micro, accum = 2, 4
-    sampler = training.LengthGroupedEpochSampler(lengths, micro, group_size=50 * micro * accum, seed=42)
-    micro_batches = sampler.micro_batches()
-    assert max(lengths[i] for i in micro_batches[0]) == max(lengths)  # out-of-memory shows at the first step
-    assert all(len(batch) == micro for batch in micro_batches)
-    assert abs(step_length_trend(micro_batches[1:], lengths, 50, accum)) < 0.15
-    # Within a micro-batch lengths stay close: padding is a small share of the tokens.
+    micro, step_size = 2, 8
+    steps = training.LengthGroupedEpochSampler(lengths, step_size, group_steps=50, seed=42).steps()
+    assert max(lengths[i] for i in steps[0]) == max(lengths)  # out-of-memory shows at the first step
+    assert all(len(step) == step_size for step in steps)
+    assert abs(step_length_trend(steps[1:], lengths, 50)) < 0.15
+    # Each step is sorted longest first, so the micro-batches cut from it keep padding a small share of the tokens.
+    assert all([lengths[i] for i in step] == sorted((lengths[i] for i in step), reverse=True) for step in steps)
+    micro_batches = [step[start : start + micro] for step in steps for start in range(0, step_size, micro)]
     padded = sum(micro * max(lengths[i] for i in batch) for batch in micro_batches)
     assert sum(lengths) / padded > 0.97
     # The measure can see a sweep: sorting each group longest first, as before, trends strongly.
-    swept = [sorted(group, key=lambda i: -lengths[i]) for group in torch.tensor(list(sampler)).view(-1, 400).tolist()]
-    swept_batches = [group[i : i + micro] for group in swept for i in range(0, 400, micro)]
-    assert step_length_trend(swept_batches, lengths, 50, accum) < -0.9
+    groups = torch.tensor(sum(steps, [])).view(-1, 50 * step_size).tolist()
+    swept = [sorted(group, key=lambda i: -lengths[i]) for group in groups]
+    swept_steps = [group[i : i + step_size] for group in swept for i in range(0, len(group), step_size)]
+    assert step_length_trend(swept_steps, lengths, 50) < -0.9
 
 
 def test_validation_loss_is_a_token_weighted_mean_like_evaluate(lora_model, tokenizer, tmp_path):
