@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .cli import UsageError, write_json
+from .cli import UsageError, json_text, write_json
+from .disk_space import DiskFull, is_disk_full
 from .prompts import IGNORE_INDEX, encode_example, instruction_text, response_text
 
 TRAIN_FILE = "train_data.json"
@@ -29,6 +29,8 @@ VALIDATION_FILE = "validation_data.json"
 TEST_FILE = "test_questions.json"
 UNIT_TEST_FILE = "unit_test_data.json"
 DATA_CARD_FILE = "data_card.json"
+DATA_STAGING = ".staging"  # inside the data folder, removed once the files are in place
+DISK_FULL_THEN = "free space there and rerun data_preparation.py (the previous files are unchanged)"
 
 SPLITS = ("train", "validation", "test")
 # File names (without extension) accepted for each split in a local folder: the knkarthick/samsum
@@ -370,24 +372,42 @@ def token_statistics(tokenizer, files: dict[str, list[dict]], max_length: int) -
 def write_data_dir(output_dir: Path, files: dict[str, list[dict]], card: dict) -> dict:
     """Write the record files and the data card (given each file's row count and sha256); return the card.
 
-    Everything is written to a staging folder beside `output_dir` first and only then renamed into place
-    (a rename is atomic on one file system), so a run that fails or is interrupted while preparing or
-    writing leaves the previous files in `output_dir` byte for byte as they were.
+    Everything is written to a staging folder inside `output_dir` first and only then renamed into place. A rename
+    within one folder is atomic and never crosses a file system (`output_dir` may be a Docker volume) nor needs
+    write permission on the parent, so a run that fails or is interrupted while preparing or writing leaves the
+    previous files in `output_dir` byte for byte as they were.
     """
-    output_dir = Path(output_dir).resolve()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
+    output_dir = Path(output_dir)
+    staging = output_dir / DATA_STAGING
     try:
-        for name, records in files.items():
-            write_json(staging / name, records)
-        written = {name: {"rows": len(records), "sha256": sha256_of(staging / name)} for name, records in files.items()}
-        card = card | {"files": written}
-        write_json(staging / DATA_CARD_FILE, card)
-        output_dir.mkdir(exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+        staging.mkdir()
+        card = stage_data_files(staging, files, card)
         for name in [*files, DATA_CARD_FILE]:
             os.replace(staging / name, output_dir / name)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise data_disk_full(output_dir, staging, files) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return card
+
+
+def data_disk_full(output_dir: Path, staging: Path, files: dict[str, list[dict]]) -> DiskFull:
+    """Remove the half-written staging folder first, so that the message tells the space that is really free."""
+    shutil.rmtree(staging, ignore_errors=True)
+    needed = sum(len(json_text(records).encode("utf-8")) for records in files.values())
+    return DiskFull(output_dir, "writing the data files", needed, DISK_FULL_THEN)
+
+
+def stage_data_files(staging: Path, files: dict[str, list[dict]], card: dict) -> dict:
+    for name, records in files.items():
+        write_json(staging / name, records)
+    written = {name: {"rows": len(records), "sha256": sha256_of(staging / name)} for name, records in files.items()}
+    card = card | {"files": written}
+    write_json(staging / DATA_CARD_FILE, card)
     return card
 
 
