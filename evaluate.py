@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_summarization.cli import RunFailed, UsageError, config_as_dict, run_stage, write_atomic, write_json
-from lora_summarization.data import TEST_FILE, read_records
+from lora_summarization.data import FIELDS_WITH_ID, TEST_FILE, read_records
 from lora_summarization.evaluation import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULTS,
@@ -152,7 +152,7 @@ def check_inputs(config: EvalConfig) -> tuple[list[dict], dict[str, str]]:
         ("--precision", config.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ]
     problems = [f"{flag} must be {rule}" for flag, ok, rule in rules if not ok]
-    records = collect_problem(problems, read_records, Path(config.data_dir) / TEST_FILE)
+    records = collect_problem(problems, read_records, Path(config.data_dir) / TEST_FILE, FIELDS_WITH_ID)
     adapters = collect_problem(problems, adapter_rows, config.adapter) or {}
     for folder in adapters.values():
         collect_problem(problems, check_adapter_folder, folder)

@@ -42,6 +42,9 @@ SPLIT_FILE_STEMS = {
 }
 REQUIRED_COLUMNS = ("dialogue", "summary")
 OVERLAP_KEY = "dialogue with whitespace runs collapsed and case folded"
+# The record fields evaluate.py reads: its predictions name each test example by id.
+FIELDS_WITH_ID = ("id", *REQUIRED_COLUMNS)
+REPREPARE = "rerun data_preparation.py"
 
 
 def make_record(example_id: str, dialogue: str, summary: str) -> dict:
@@ -54,15 +57,45 @@ def make_record(example_id: str, dialogue: str, summary: str) -> dict:
     }
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records written by data_preparation.py; a missing or empty file is a usage error."""
+def read_records(path: Path, fields: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict]:
+    """Records written by data_preparation.py, each with the text `fields` the stage reads.
+
+    A missing, empty or damaged file is a usage error naming the file (and the bad record) and the fix.
+    """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} not found; run data_preparation.py first (or pass --data-dir)")
-    records = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        is_json_error = isinstance(error, json.JSONDecodeError)
+        reason = f"{error.msg} at line {error.lineno}" if is_json_error else f"not UTF-8: {error.reason}"
+        raise UsageError(f"{path} is not valid JSON ({reason}); {REPREPARE}") from None
+    if not isinstance(records, list):
+        raise UsageError(f"{path} holds a JSON {json_kind(records)}, not a list of records; {REPREPARE}")
     if not records:
-        raise UsageError(f"{path} holds no examples; rerun data_preparation.py")
+        raise UsageError(f"{path} holds no examples; {REPREPARE}")
+    for number, record in enumerate(records, start=1):
+        if problem := record_problem(record, fields):
+            raise UsageError(f"{path}: record {number} {problem}; {REPREPARE}")
     return records
+
+
+def record_problem(record, fields: tuple[str, ...]) -> str | None:
+    if not isinstance(record, dict):
+        return f"is a JSON {json_kind(record)}, not an object"
+    missing = [field for field in fields if field not in record]
+    if missing:
+        return "has no " + " or ".join(f"'{field}'" for field in missing)
+    not_text = [field for field in fields if not isinstance(record[field], str)]
+    if not_text:
+        return "has " + " and ".join(f"'{field}'" for field in not_text) + " not text"
+    return None
+
+
+def json_kind(value) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
 
 
 # --- reading ---------------------------------------------------------------------------------------
