@@ -121,7 +121,8 @@ def main(config: EvalConfig) -> int:
         return compare_runs(config)
     records, adapters = check_inputs(config)
     given = {key: getattr(config, key) for key in FOLLOWED_SETTINGS}
-    config = dataclasses.replace(config, **follow_training(list(adapters.values()), given))
+    # --adapter none: a merged export carries its training settings in its own folder.
+    config = dataclasses.replace(config, **follow_training(list(adapters.values()) or [config.model], given))
     tokenizer, model = load_models(config, adapters)
     test_set = encode_test_set(tokenizer, records, config.max_length, config.system_prompt)
     print_facts(config, test_set, model, adapters)
