@@ -40,7 +40,7 @@ from lora_summarization.comparison import (
     study_report,
     study_results,
 )
-from lora_summarization.data import TEST_FILE, read_records
+from lora_summarization.data import FIELDS_WITH_ID, TEST_FILE, read_records
 from lora_summarization.disk_space import DiskFull, disk_full_reported
 from lora_summarization.evaluation import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -128,7 +128,8 @@ def main(config: EvalConfig) -> int:
         return compare_runs(config)
     records, adapters = check_inputs(config)
     given = {key: getattr(config, key) for key in FOLLOWED_SETTINGS}
-    config = dataclasses.replace(config, **follow_training(list(adapters.values()), given))
+    # --adapter none: a merged export carries its training settings in its own folder.
+    config = dataclasses.replace(config, **follow_training(list(adapters.values()) or [config.model], given))
     tokenizer, model = load_models(config, adapters)
     test_set = encode_test_set(tokenizer, records, config.max_length, config.system_prompt)
     print_facts(config, test_set, model, adapters)
@@ -160,7 +161,7 @@ def check_inputs(config: EvalConfig) -> tuple[list[dict], dict[str, str]]:
         ("--precision", config.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ]
     problems = [f"{flag} must be {rule}" for flag, ok, rule in rules if not ok]
-    records = collect_problem(problems, read_records, Path(config.data_dir) / TEST_FILE)
+    records = collect_problem(problems, read_records, Path(config.data_dir) / TEST_FILE, FIELDS_WITH_ID)
     adapters = collect_problem(problems, adapter_rows, config.adapter) or {}
     for folder in adapters.values():
         collect_problem(problems, check_adapter_folder, folder)

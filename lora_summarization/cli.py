@@ -72,7 +72,12 @@ def config_as_dict(config) -> dict:
 
 def write_json(path: Path, payload) -> None:
     """Write JSON atomically, UTF-8 without escaping plain text."""
-    write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(path, json_text(payload))
+
+
+def json_text(payload) -> str:
+    """The text `write_json` writes."""
+    return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:

@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .cli import UsageError, write_json
+from .cli import UsageError, json_text, write_json
+from .disk_space import DiskFull, is_disk_full
 from .prompts import IGNORE_INDEX, encode_example, instruction_text, response_text
 
 TRAIN_FILE = "train_data.json"
@@ -29,6 +29,8 @@ VALIDATION_FILE = "validation_data.json"
 TEST_FILE = "test_questions.json"
 UNIT_TEST_FILE = "unit_test_data.json"
 DATA_CARD_FILE = "data_card.json"
+DATA_STAGING = ".staging"  # inside the data folder, removed once the files are in place
+DISK_FULL_THEN = "free space there and rerun data_preparation.py (the previous files are unchanged)"
 
 SPLITS = ("train", "validation", "test")
 # File names (without extension) accepted for each split in a local folder: the knkarthick/samsum
@@ -40,6 +42,9 @@ SPLIT_FILE_STEMS = {
 }
 REQUIRED_COLUMNS = ("dialogue", "summary")
 OVERLAP_KEY = "dialogue with whitespace runs collapsed and case folded"
+# The record fields evaluate.py reads: its predictions name each test example by id.
+FIELDS_WITH_ID = ("id", *REQUIRED_COLUMNS)
+REPREPARE = "rerun data_preparation.py"
 
 
 def make_record(example_id: str, dialogue: str, summary: str) -> dict:
@@ -52,15 +57,45 @@ def make_record(example_id: str, dialogue: str, summary: str) -> dict:
     }
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records written by data_preparation.py; a missing or empty file is a usage error."""
+def read_records(path: Path, fields: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict]:
+    """Records written by data_preparation.py, each with the text `fields` the stage reads.
+
+    A missing, empty or damaged file is a usage error naming the file (and the bad record) and the fix.
+    """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} not found; run data_preparation.py first (or pass --data-dir)")
-    records = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        is_json_error = isinstance(error, json.JSONDecodeError)
+        reason = f"{error.msg} at line {error.lineno}" if is_json_error else f"not UTF-8: {error.reason}"
+        raise UsageError(f"{path} is not valid JSON ({reason}); {REPREPARE}") from None
+    if not isinstance(records, list):
+        raise UsageError(f"{path} holds a JSON {json_kind(records)}, not a list of records; {REPREPARE}")
     if not records:
-        raise UsageError(f"{path} holds no examples; rerun data_preparation.py")
+        raise UsageError(f"{path} holds no examples; {REPREPARE}")
+    for number, record in enumerate(records, start=1):
+        if problem := record_problem(record, fields):
+            raise UsageError(f"{path}: record {number} {problem}; {REPREPARE}")
     return records
+
+
+def record_problem(record, fields: tuple[str, ...]) -> str | None:
+    if not isinstance(record, dict):
+        return f"is a JSON {json_kind(record)}, not an object"
+    missing = [field for field in fields if field not in record]
+    if missing:
+        return "has no " + " or ".join(f"'{field}'" for field in missing)
+    not_text = [field for field in fields if not isinstance(record[field], str)]
+    if not_text:
+        return "has " + " and ".join(f"'{field}'" for field in not_text) + " not text"
+    return None
+
+
+def json_kind(value) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -370,24 +405,42 @@ def token_statistics(tokenizer, files: dict[str, list[dict]], max_length: int) -
 def write_data_dir(output_dir: Path, files: dict[str, list[dict]], card: dict) -> dict:
     """Write the record files and the data card (given each file's row count and sha256); return the card.
 
-    Everything is written to a staging folder beside `output_dir` first and only then renamed into place
-    (a rename is atomic on one file system), so a run that fails or is interrupted while preparing or
-    writing leaves the previous files in `output_dir` byte for byte as they were.
+    Everything is written to a staging folder inside `output_dir` first and only then renamed into place. A rename
+    within one folder is atomic and never crosses a file system (`output_dir` may be a Docker volume) nor needs
+    write permission on the parent, so a run that fails or is interrupted while preparing or writing leaves the
+    previous files in `output_dir` byte for byte as they were.
     """
-    output_dir = Path(output_dir).resolve()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
+    output_dir = Path(output_dir)
+    staging = output_dir / DATA_STAGING
     try:
-        for name, records in files.items():
-            write_json(staging / name, records)
-        written = {name: {"rows": len(records), "sha256": sha256_of(staging / name)} for name, records in files.items()}
-        card = card | {"files": written}
-        write_json(staging / DATA_CARD_FILE, card)
-        output_dir.mkdir(exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+        staging.mkdir()
+        card = stage_data_files(staging, files, card)
         for name in [*files, DATA_CARD_FILE]:
             os.replace(staging / name, output_dir / name)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise data_disk_full(output_dir, staging, files) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return card
+
+
+def data_disk_full(output_dir: Path, staging: Path, files: dict[str, list[dict]]) -> DiskFull:
+    """Remove the half-written staging folder first, so that the message tells the space that is really free."""
+    shutil.rmtree(staging, ignore_errors=True)
+    needed = sum(len(json_text(records).encode("utf-8")) for records in files.values())
+    return DiskFull(output_dir, "writing the data files", needed, DISK_FULL_THEN)
+
+
+def stage_data_files(staging: Path, files: dict[str, list[dict]], card: dict) -> dict:
+    for name, records in files.items():
+        write_json(staging / name, records)
+    written = {name: {"rows": len(records), "sha256": sha256_of(staging / name)} for name, records in files.items()}
+    card = card | {"files": written}
+    write_json(staging / DATA_CARD_FILE, card)
     return card
 
 

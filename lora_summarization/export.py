@@ -4,7 +4,8 @@
     python -m lora_summarization.export --model /models/Qwen2.5-1.5B-Instruct --precision fp32
 
 The folder holds safetensors weights, config, tokenizer (with its chat template) and the generation config that
-evaluate.py scores (greedy, no repetition penalty; not the base model's sampling one), and loads without PEFT:
+evaluate.py scores (greedy, no repetition penalty; not the base model's sampling one), the adapter's
+training_summary.json (whose system prompt and max length evaluate.py and summarize follow), and loads without PEFT:
 `AutoModelForCausalLM.from_pretrained("merged_model")`, `vllm serve merged_model`, or TGI's
 `--model-id /data/merged_model` (servers sample unless asked otherwise: request temperature 0 for the evaluated
 decoding). The merge is done in fp32; `--precision` sets the saved dtype.
@@ -12,6 +13,7 @@ decoding). The merge is done in fp32; `--precision` sets the saved dtype.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from peft import PeftConfig
 from . import modeling
 from .cli import UsageError, config_as_dict, run_stage, write_json
 from .disk_space import DiskFull, disk_full_reported, tensor_bytes
-from .evaluation import save_generation_config
+from .evaluation import TRAINING_SUMMARY_FILE, save_generation_config
 
 EXPORT_SETTINGS_FILE = "export_settings.json"
 SAVED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,12 +75,21 @@ def save_merged(model, tokenizer, config: ExportConfig) -> Path:
     tokenizer.save_pretrained(output_dir)
     save_generation_config(output_dir, tokenizer)  # replaces the base model's sampling config
     write_json(output_dir / EXPORT_SETTINGS_FILE, {**config_as_dict(config), "trained_on": trained_on(config.adapter)})
+    copy_training_summary(config.adapter, output_dir)
     return output_dir
 
 
 def merged_model_disk_full(config: ExportConfig, merged) -> DiskFull:
     needed = tensor_bytes(merged.parameters())
     return DiskFull(config.output_dir, "the merged model", needed, "free space, then rerun the export")
+
+
+def copy_training_summary(adapter_dir: str, output_dir: Path) -> None:
+    """The adapter's training_summary.json, so that evaluate.py and summarize run the merged model with the system
+    prompt and max length it was trained with, as they do the adapter."""
+    summary = Path(adapter_dir) / TRAINING_SUMMARY_FILE
+    if summary.is_file():
+        shutil.copyfile(summary, output_dir / TRAINING_SUMMARY_FILE)
 
 
 def folder_size_gb(folder: Path) -> float:

@@ -7,7 +7,8 @@
 A text file (or `-`, standard input) holds one dialogue, a `Name: message` turn per line; its summary is printed.
 A JSONL file holds one dialogue per line (`{"id": ..., "dialogue": ...}`, the id optional); each gives one JSON
 line `{"id": ..., "summary": ...}`. The base model is the one named in the adapter's adapter_config.json unless
---model is given; the system prompt is the one the adapter was trained with (training_summary.json).
+--model is given; the system prompt is the one the adapter was trained with (training_summary.json), or with
+`--adapter none` the one in --model's folder (a merged export carries it).
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class Dialogue:
 
 def main(config: SummarizeConfig) -> int:
     dialogues = [dialogue for path in check_inputs(config) for dialogue in read_dialogues(path)]
-    adapters = [] if config.adapter == NO_ADAPTER else [config.adapter]
-    system_prompt = follow_training(adapters, {"system_prompt": config.system_prompt})["system_prompt"]
+    trained = config.model if config.adapter == NO_ADAPTER else config.adapter  # --model: a merged export
+    system_prompt = follow_training([trained], {"system_prompt": config.system_prompt})["system_prompt"]
     tokenizer, model = load_model(config)
     prompts = [prompt_ids(tokenizer, dialogue.text, system_prompt) for dialogue in dialogues]
     summaries = generate_summaries(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, "adapter")

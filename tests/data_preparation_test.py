@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +21,7 @@ from transformers import AutoTokenizer
 import data_preparation
 from lora_summarization import data
 from lora_summarization.cli import run_stage
+from lora_summarization.disk_space import human_size
 from lora_summarization.synthetic import make_examples, write_samsum_csvs
 
 RECORD_FILES = [data.TRAIN_FILE, data.VALIDATION_FILE, data.TEST_FILE, data.UNIT_TEST_FILE]
@@ -170,11 +173,11 @@ def test_failed_write_leaves_the_previous_files_untouched(samsum_dir, tmp_path, 
     def write_one_then_fail(path, payload):
         calls.append(path)
         if len(calls) > 1:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
         real_write_json(path, payload)
 
     monkeypatch.setattr(data, "write_json", write_one_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="Input/output error"):
         prepare(capsys, "--source", other_source, *flags)
     assert snapshot(out) == before
     assert [path.name for path in out.parent.iterdir()] == ["data"], "the staging folder was not cleaned up"
@@ -183,6 +186,49 @@ def test_failed_write_leaves_the_previous_files_untouched(samsum_dir, tmp_path, 
     assert prepare(capsys, "--source", other_source, *flags)[0] == 0
     after = snapshot(out)
     assert all(after[name] != before[name] for name in before), "the failed run would have changed every file"
+
+
+@contextmanager
+def tmpfs_at(folder: Path, size: str):
+    """A fresh tmpfs of `size` mounted at `folder`: another file system than its parent, as a Docker volume is."""
+    folder.mkdir(parents=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_output_dir_on_another_file_system_is_written_in_place(samsum_dir, tmp_path):
+    with tmpfs_at(tmp_path / "data", "4m") as out:
+        result = run_script(
+            "data_preparation.py", "--source", samsum_dir, "--output-dir", out, "--no-token-stats", *SMALL
+        )
+        assert result.returncode == 0, result.stderr
+        assert sorted(snapshot(out)) == sorted([*RECORD_FILES, data.DATA_CARD_FILE])
+        assert not [path.name for path in out.iterdir() if path.name.startswith(".")], "a staging folder was left"
+    assert [path.name for path in tmp_path.iterdir()] == ["data"]
+
+
+def test_full_disk_is_one_line_exit_1_and_leaves_the_previous_files(samsum_dir, tmp_path):
+    bigger = write_samsum_csvs(tmp_path / "bigger", {"train": 2000, "validation": 120, "test": 60}, seed=1)
+    with tmpfs_at(tmp_path / "data", "1m") as out:
+        flags = ("--output-dir", out, "--no-token-stats", *SMALL)
+        assert run_script("data_preparation.py", "--source", samsum_dir, *flags).returncode == 0
+        before = snapshot(out)
+        result = run_script("data_preparation.py", "--source", bigger, *flags)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        error = result.stderr.strip()
+        free = human_size(shutil.disk_usage(out).free)
+        assert error.startswith(f"error: the disk holding {out} is full ({free} free,"), error
+        assert "writing the data files needs about 1.3 MB" in error, error
+        assert snapshot(out) == before
+        assert not [path.name for path in out.iterdir() if path.name.startswith(".")], "a staging folder was left"
 
 
 BAD_INPUTS = {

@@ -196,3 +196,18 @@ def test_token_statistics_measure_the_training_encoding(tokenizer):
     assert stats["over_max_length"] == stats["dialogue_shortened"] == over
     assert stats["over_max_length_after_shortening"] == 0
     assert stats["prompt"]["max"] + stats["response"]["max"] >= stats["total"]["max"] > stats["prompt"]["max"]
+
+
+@pytest.mark.parametrize(
+    ("records", "fields", "expected"),
+    [
+        ([{"dialogue": "A: hi", "summary": None}], data.REQUIRED_COLUMNS, "record 1 has 'summary' not text"),
+        ([{"dialogue": "A: hi", "summary": "x"}], data.FIELDS_WITH_ID, "record 1 has no 'id'"),
+        ([{"id": "1", "dialogue": "A: hi", "summary": "x"}, "A: hi"], data.FIELDS_WITH_ID, "record 2 is a JSON string"),
+    ],
+)
+def test_records_without_the_text_a_stage_reads_are_refused(tmp_path, records, fields, expected):
+    path = tmp_path / data.TEST_FILE
+    path.write_text(json.dumps(records), encoding="utf-8")
+    with pytest.raises(UsageError, match=expected):
+        data.read_records(path, fields)

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import load_script, save_tiny_model, script_env
+from conftest import TINY_TRAINING_FLAGS, load_script, run_script, save_tiny_model, script_env
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from lora_summarization import export, modeling
+from lora_summarization import export, modeling, summarize
 from lora_summarization.cli import run_stage
 
 GREEDY_AS_EVALUATED = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 128}
@@ -160,3 +160,51 @@ def test_merged_model_evaluated_alone_scores_as_the_adapter(
         assert [line["model"]["prediction"] for line in lines] == [
             line["fine_tuned"]["prediction"] for line in adapter_lines
         ]
+
+
+TRAINED_PROMPT, TRAINED_MAX_LENGTH = "Sum up the chat in one line.", 64
+
+
+@pytest.fixture(scope="module")
+def prompted_adapter(tmp_path_factory, tiny_model_dir, data_dir):
+    """An adapter trained by train.py with a system prompt and a token limit other than the defaults."""
+    output_dir = tmp_path_factory.mktemp("prompted") / "adapter"
+    result = run_script(
+        "train.py",
+        *("--model", tiny_model_dir, "--data-dir", data_dir, "--output-dir", output_dir),
+        *("--system-prompt", TRAINED_PROMPT, "--max-length", TRAINED_MAX_LENGTH),
+        *("--max-steps", "10", "--eval-steps", "10", "--save-steps", "10", "--logging-steps", "5"),
+        *TINY_TRAINING_FLAGS,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_merged_model_is_evaluated_and_run_with_the_settings_it_was_trained_with(
+    evaluate_script, capsys, tmp_path, tiny_model_dir, data_dir, prompted_adapter
+):
+    with_adapter, adapter_lines = evaluate(evaluate_script, tiny_model_dir, prompted_adapter, data_dir, tmp_path)
+    merged = tmp_path / "merged"
+    flags = ("--model", tiny_model_dir, "--adapter", prompted_adapter, "--output-dir", merged, "--precision", "fp32")
+    assert run_export(capsys, *flags)[0] == 0
+
+    results, _ = evaluate(evaluate_script, merged, "none", data_dir, tmp_path / "evaluation")
+    assert results["settings"]["system_prompt"] == TRAINED_PROMPT
+    assert results["settings"]["max_length"] == TRAINED_MAX_LENGTH
+    assert results["models"]["model"]["loss"] == pytest.approx(with_adapter["models"]["fine_tuned"]["loss"], abs=1e-4)
+
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text(
+        "".join(json.dumps({"id": line["id"], "dialogue": line["dialogue"]}) + "\n" for line in adapter_lines)
+    )
+    argv = ["--adapter", "none", "--model", str(merged), "--max-new-tokens", "12", str(dialogues)]
+    capsys.readouterr()
+    assert run_stage(summarize.main, summarize.SummarizeConfig, summarize.with_inputs_flag(argv)) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [{"id": line["id"], "summary": line["fine_tuned"]["prediction"]} for line in adapter_lines]
+
+    other = ("--system-prompt", "Be brief.", "--no-generate", "--max-examples", "2")
+    explicit = ("--model", merged, "--adapter", "none", "--data-dir", data_dir, "--output-dir", tmp_path, *other)
+    with pytest.warns(UserWarning, match=f"differs from {TRAINED_PROMPT!r}, which {merged} was trained with"):
+        assert run_stage(evaluate_script.main, evaluate_script.EvalConfig, [str(arg) for arg in explicit]) == 0
+    assert json.loads((tmp_path / "evaluation_results.json").read_text())["settings"]["system_prompt"] == "Be brief."
