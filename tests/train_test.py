@@ -345,7 +345,7 @@ def run_train(argv: list[str], capsys, **replacements) -> tuple[int, str, str]:
 
 def write_lock(output_dir, pid: int) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    holder = {"pid": pid, "host": socket.gethostname(), "script": "train.py"}
+    holder = {**run_lock.this_process("train.py"), "pid": pid, "start_time": run_lock.start_time(pid)}
     (output_dir / run_lock.LOCK_FILE).write_text(json.dumps(holder))
 
 
