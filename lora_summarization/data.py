@@ -57,7 +57,10 @@ def read_records(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} not found; run data_preparation.py first (or pass --data-dir)")
-    records = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UsageError(f"{path} is not valid JSON ({error}); rerun data_preparation.py") from error
     if not records:
         raise UsageError(f"{path} holds no examples; rerun data_preparation.py")
     return records

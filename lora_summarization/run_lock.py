@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -59,6 +60,9 @@ def main_process_decides(decide: Callable[[], T]) -> T | None:
             outcome = [(decide(), None)]
         except Exception as failure:
             error = failure
+            # torchrun sends SIGTERM to the workers still running once one exits; the main process is ending anyway,
+            # with the exit code and the line that say why, so it lets that signal pass.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             outcome = [(None, EXIT_USAGE if isinstance(failure, UsageError) else EXIT_CHECK_FAILED)]
     torch.distributed.broadcast_object_list(outcome, src=0)
     result, exit_code = outcome[0]

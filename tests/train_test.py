@@ -508,3 +508,53 @@ def test_bf16_on_a_gpu_without_bf16_is_refused_before_loading(tiny_model_dir, da
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="--precision fp32"):  # the check unit_test.py and evaluate.py go through
         modeling.configure_precision("bf16")
+
+
+def test_torchrun_aimed_at_a_live_runs_folder_leaves_it_alone_and_refuses_once(tiny_model_dir, data_dir, tmp_path):
+    output_dir = tmp_path / "live"
+    flags = train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "10000", *FAST)
+    live = subprocess.Popen(
+        [sys.executable, str(INJECT), str(ROOT / "train.py"), *flags],
+        cwd=ROOT,
+        env={**script_env(), "SECONDS_PER_CALL": "0.5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while logged_steps(output_dir) < 1:  # past its own folder checks, holding the lock
+            assert live.poll() is None, "the live run ended early"
+            time.sleep(0.1)
+        incomplete = output_dir / "checkpoints" / training.CHECKPOINT_STAGING
+        incomplete.mkdir(parents=True)
+        (incomplete / "optimizer.pt").write_bytes(b"being written")
+        second = run_torchrun(ROOT / "train.py", *flags)
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
+    output = second.stdout + second.stderr
+    assert (incomplete / "optimizer.pt").read_bytes() == b"being written"
+    assert output.count(f"error: --output-dir {output_dir} is used by a running train.py (PID {live.pid}") == 1
+    assert output.count("Traceback") == 1  # torchrun's own, ending in its failure summary; none from a worker
+    assert re.search(r"Traceback \(most recent call last\):\n(  .*\n)+torch\.\S*\.ChildFailedError", output)
+    assert re.findall(r"^\s+exitcode\s+: (\d+)", output, re.MULTILINE) == ["2", "2"]  # its summary, one per rank
+
+
+def truncate(path) -> None:
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+@pytest.mark.parametrize("fault", ["missing model folder", "truncated train_data.json"])
+def test_overwrite_output_dir_keeps_the_previous_run_when_the_model_or_data_fail_to_load(
+    checkpointed_run, tiny_model_dir, tmp_path, capsys, fault
+):
+    data_copy, output_dir, schedule = copy_of(checkpointed_run, tmp_path)
+    model_dir = tmp_path / "no_such_model" if fault == "missing model folder" else tiny_model_dir
+    if fault == "truncated train_data.json":
+        truncate(data_copy / "train_data.json")
+    previous_run = sorted(path.relative_to(output_dir) for path in output_dir.rglob("*"))
+    code, _, err = run_train(train_args(model_dir, data_copy, output_dir, *schedule, "--overwrite-output-dir"), capsys)
+    assert code == 2
+    assert only_error_line(err)
+    assert sorted(path.relative_to(output_dir) for path in output_dir.rglob("*")) == previous_run
