@@ -91,6 +91,9 @@ class TrainConfig:
         default=False, metadata={"help": "delete everything in output-dir first (a previous run's adapter and logs)"}
     )
     dry_run: bool = field(default=False, metadata={"help": "print the plan and exit without training"})
+    allow_cpu: bool = field(
+        default=False, metadata={"help": "train a model of more than ~1B parameters on the CPU when no GPU is usable"}
+    )
     seed: int = field(default=42, metadata={"help": "seed for LoRA init, data order and dropout"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks for usage errors"})
 
@@ -396,10 +399,17 @@ def early_stop_exit_code(config: TrainConfig, trainer, guard, world_size: int) -
 def main(config: TrainConfig) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(config, world_size)
+    refuse_cpu_training_unless_allowed(config)
     if world_size > 1:
         join_process_group()
     with nullcontext() if config.dry_run else output_dir_lock(config.output_dir, "train.py"):
         return plan_and_train(config, world_size)
+
+
+def refuse_cpu_training_unless_allowed(config: TrainConfig) -> None:
+    """A broken GPU driver must not silently start a run of days on the CPU; the dry run refuses too, as the run."""
+    if not config.allow_cpu and (problem := modeling.cpu_training_problem(config.model)):
+        raise UsageError(problem)
 
 
 def join_process_group() -> None:

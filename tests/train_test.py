@@ -86,7 +86,7 @@ def test_dry_run_plans_the_steps_that_training_takes(tiny_model_dir, data_dir, t
 
 @requires_qwen_tokenizer
 def test_dry_run_on_the_real_qwen_config_counts_the_published_parameters(data_dir, tmp_path):
-    result = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", "--dry-run"))
+    result = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", "--dry-run", "--allow-cpu"))
     assert result.returncode == 0, result.stderr
     assert "trainable parameters: 2,179,072 of 1,543,714,304 (0.14%)" in result.stdout
 
@@ -558,3 +558,17 @@ def test_overwrite_output_dir_keeps_the_previous_run_when_the_model_or_data_fail
     assert code == 2
     assert only_error_line(err)
     assert sorted(path.relative_to(output_dir) for path in output_dir.rglob("*")) == previous_run
+
+
+@requires_qwen_tokenizer
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot be used")
+def test_a_large_model_without_a_usable_gpu_is_refused_before_its_weights_load(data_dir, tmp_path):
+    refused = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out"))  # QWEN_DIR holds no weights
+    assert refused.returncode == 2
+    line = only_error_line(refused.stderr)
+    assert "1,543,714,304 parameters" in line and "nvidia-smi" in line and "torch.cuda.is_available()" in line
+    assert line.endswith("or pass --allow-cpu to train on the CPU anyway")
+    assert not (tmp_path / "out").exists()
+    allowed = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", "--dry-run", "--allow-cpu"))
+    assert allowed.returncode == 0, allowed.stderr
+    assert "device: cpu" in allowed.stdout
