@@ -1,8 +1,8 @@
 # One image for every stage: CUDA 12 runtime, the base image's PyTorch, and requirements.txt.
 #
-#   docker build -t lora-summarization .
+#   docker build -t lora-summarization .   # --build-arg BASE_IMAGE=pytorch/pytorch:<tag> for another CUDA
 #   mkdir -p data finetune_100_model fine_tuned_model results merged_model
-#   docker run --gpus all --rm --user "$(id -u):$(id -g)" -v hf-cache:/cache/huggingface \
+#   docker run --gpus all --init --stop-timeout 120 --rm --user "$(id -u):$(id -g)" -v hf-cache:/cache/huggingface \
 #     -v "$PWD/data:/workspace/lora_finetuning/data" lora-summarization python data_preparation.py
 #
 # Then the same `docker run` for each later stage, with the folders it reads and writes mounted as well:
@@ -10,8 +10,11 @@
 #   python train.py        (data, fine_tuned_model)
 #   python evaluate.py --output-dir results     (data, fine_tuned_model, results)
 #   python -m lora_summarization.export         (fine_tuned_model, merged_model)
-# The hf-cache volume keeps downloaded models and data between runs.
-FROM pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
+# The hf-cache volume keeps downloaded models and data between runs. --init passes `docker stop`'s SIGTERM on to
+# the stage, and --stop-timeout gives train.py time to save its checkpoint (Docker's default: SIGKILL after 10 s).
+# The default image needs NVIDIA driver 560.28.03 or newer (CUDA 12.6); pick a tag that matches an older driver.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

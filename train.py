@@ -25,9 +25,11 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
@@ -36,7 +38,7 @@ from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict
 from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
 from lora_summarization.model_card import write_model_card
-from lora_summarization.run_lock import is_main_process, output_dir_lock
+from lora_summarization.run_lock import is_main_process, main_process_decides, output_dir_lock
 from lora_summarization.training import (
     RESUME_AFTER_FREEING_SPACE,
     build_trainer,
@@ -106,6 +108,9 @@ class TrainConfig:
         default=False, metadata={"help": "delete everything in output-dir first (a previous run's adapter and logs)"}
     )
     dry_run: bool = field(default=False, metadata={"help": "print the plan and exit without training"})
+    allow_cpu: bool = field(
+        default=False, metadata={"help": "train a model of more than ~1B parameters on the CPU when no GPU is usable"}
+    )
     seed: int = field(default=42, metadata={"help": "seed for LoRA init, data order and dropout"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks for usage errors"})
 
@@ -299,25 +304,33 @@ def best_checkpoint_arguments(keep_best: bool) -> dict:
     return {"load_best_model_at_end": True, "metric_for_best_model": "eval_content_loss", "greater_is_better": False}
 
 
-def refuse_or_clear_previous_run(config: TrainConfig) -> None:
-    """A fresh run must not continue or append to an old one: refuse its folder, or clear it when asked."""
+def refuse_previous_run(config: TrainConfig) -> None:
+    """A fresh run must not continue or append to an old one: refuse its folder unless asked to clear it."""
     output_dir = Path(config.output_dir)
     found = run_folder.previous_run_outputs(output_dir)
-    if config.resume or not found:
-        return
-    if not config.overwrite_output_dir:
+    if found and not (config.resume or config.overwrite_output_dir):
         raise UsageError(
             f"--output-dir {output_dir} holds a previous run ({', '.join(found)}); "
             "pass --resume to continue it or --overwrite-output-dir to delete it first"
         )
-    print(f"--overwrite-output-dir: deleting the previous run in {output_dir}")
-    run_folder.clear_folder(output_dir)
+
+
+def clear_previous_run(config: TrainConfig) -> None:
+    """--overwrite-output-dir, once the model and data have loaded: a typo in a flag must not cost the old run."""
+    output_dir = Path(config.output_dir)
+    if config.overwrite_output_dir and not config.dry_run and run_folder.previous_run_outputs(output_dir):
+        print(f"--overwrite-output-dir: deleting the previous run in {output_dir}")
+        run_folder.clear_folder(output_dir)
 
 
 def prepare_output_dir(config: TrainConfig) -> str | None:
-    """Called under the lock, so a folder that a live run uses is never cleared; returns the checkpoint to resume."""
-    if is_main_process():
-        refuse_or_clear_previous_run(config)
+    """Called under the lock, so a folder that a live run uses is never touched, and on rank 0 alone; every
+    process gets the checkpoint to resume."""
+    return main_process_decides(lambda: check_output_dir(config))
+
+
+def check_output_dir(config: TrainConfig) -> str | None:
+    refuse_previous_run(config)
     return resume_checkpoint(config)
 
 
@@ -527,8 +540,23 @@ def early_stop_exit_code(config: TrainConfig, trainer, guard, world_size: int) -
 def main(config: TrainConfig) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(config, world_size)
+    refuse_cpu_training_unless_allowed(config)
+    if world_size > 1:
+        join_process_group()
     with nullcontext() if config.dry_run else output_dir_lock(config.output_dir, "train.py"):
         return plan_and_train(config, world_size)
+
+
+def refuse_cpu_training_unless_allowed(config: TrainConfig) -> None:
+    """A broken GPU driver must not silently start a run of days on the CPU (a dry run trains nothing: it plans)."""
+    if not (config.allow_cpu or config.dry_run) and (problem := modeling.cpu_training_problem(config.model)):
+        raise UsageError(problem)
+
+
+def join_process_group() -> None:
+    """Start torchrun's process group now, with the backend and timeout the Trainer would use, so that rank 0 can
+    check the output folder alone and hand its outcome to the others."""
+    PartialState(timeout=timedelta(seconds=TrainingArguments.ddp_timeout))
 
 
 def plan_and_train(config: TrainConfig, world_size: int) -> int:
@@ -538,6 +566,7 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     settings = resume_settings(config, world_size)
     overrides = resume_guard.check_resume(checkpoint, settings, config.resume_anyway) if checkpoint else []
     model = build_model(config, weights=not config.dry_run)
+    main_process_decides(lambda: clear_previous_run(config))
     plan = training_plan(config, train, model, world_size)
     print_plan(plan)
     if config.dry_run:

@@ -60,6 +60,25 @@ def resolve_device() -> torch.device:
     return torch.device("cpu")
 
 
+LARGEST_MODEL_FOR_CPU = 1_000_000_000  # parameters; the tiny test models train on a CPU in seconds, 1.5B takes days
+
+CHECK_THE_GPU = 'check the driver with nvidia-smi and python -c "import torch; print(torch.cuda.is_available())"'
+
+
+def cpu_training_problem(name: str) -> str | None:
+    """Why training `name` here would take days, or None: no usable GPU and more than ~1B parameters, counted from
+    its config on the meta device (no weights are read)."""
+    if torch.cuda.is_available():
+        return None
+    parameters = sum(parameter_counts(load_base_model(name, weights=False)))
+    if parameters <= LARGEST_MODEL_FOR_CPU:
+        return None
+    return (
+        f"no usable CUDA GPU was found and {name} has {parameters:,} parameters, which would take days to train on "
+        f"the CPU; {CHECK_THE_GPU}, or pass --allow-cpu to train on the CPU anyway"
+    )
+
+
 def precision_problem(precision: str) -> str | None:
     """Why `--precision` cannot be used on this machine, or None; every stage checks it before loading weights."""
     if precision not in PRECISIONS:

@@ -46,8 +46,14 @@ def requirements() -> list[Requirement]:
     return [Requirement(line) for line in lines if line]
 
 
+def build_arguments() -> dict[str, str]:
+    """The ARG defaults, which a `docker build --build-arg NAME=...` replaces."""
+    return dict(args.split("=", 1) for args in arguments_of("ARG") if "=" in args)
+
+
 def base_image() -> re.Match:
     (image,) = arguments_of("FROM")  # one stage: the image that runs is the image that was checked
+    image = re.sub(r"\$\{(\w+)\}", lambda name: build_arguments()[name[1]], image)
     match = BASE_IMAGE.fullmatch(image)
     assert match, f"{image} is not an official pytorch/pytorch CUDA runtime tag"
     return match
@@ -142,3 +148,34 @@ def test_dockerignore_covers_everything_git_ignores():
     dockerignore = patterns(ROOT / ".dockerignore")
     missing = {entry for entry in patterns(ROOT / ".gitignore") if not {entry, f"**/{entry}"} & dockerignore}
     assert missing == set()
+
+
+README = ROOT / "README.md"
+
+
+def test_the_base_image_is_a_build_argument_declared_before_from():
+    assert instructions()[0] == ("ARG", f"BASE_IMAGE={base_image()[0]}")
+    assert arguments_of("FROM") == ["${BASE_IMAGE}"]
+
+
+def docker_run_options(text: str) -> list[str]:
+    """The options of each `docker run` command in `text`, leaving out the elided `docker run ... image`."""
+    found = re.findall(r"docker run (.*?)lora-summarization", text, flags=re.DOTALL)
+    return [options for options in found if options.strip() != "..."]
+
+
+def test_every_docker_run_forwards_signals_and_leaves_time_for_a_checkpoint():
+    runs = docker_run_options(README.read_text()) + docker_run_options(DOCKERFILE.read_text())
+    assert len(runs) >= 3
+    for options in runs:
+        assert "--init" in options.split(), options  # a PID 1 that forwards SIGTERM to the stage and reaps
+        stop_timeout = re.search(r"--stop-timeout (\d+)", options)
+        assert stop_timeout and int(stop_timeout[1]) >= 60, options  # Docker's default: SIGKILL after 10 s
+
+
+def test_readme_names_the_drivers_and_how_to_pick_another_cuda_build():
+    text = " ".join(README.read_text().split())
+    cuda = Version(base_image()["cuda"])
+    assert f"CUDA {cuda}" in text and "--build-arg BASE_IMAGE=" in text
+    assert f"--index-url https://download.pytorch.org/whl/cu{cuda.major}{cuda.minor}" in text
+    assert re.search(r"driver \d{3}\.\d+(\.\d+)? or newer", text)

@@ -345,7 +345,7 @@ def run_train(argv: list[str], capsys, **replacements) -> tuple[int, str, str]:
 
 def write_lock(output_dir, pid: int) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    holder = {"pid": pid, "host": socket.gethostname(), "script": "train.py"}
+    holder = {**run_lock.this_process("train.py"), "pid": pid, "start_time": run_lock.start_time(pid)}
     (output_dir / run_lock.LOCK_FILE).write_text(json.dumps(holder))
 
 
@@ -500,3 +500,68 @@ def test_a_loss_without_a_token_count_is_still_scaled_for_accumulation(tiny_mode
 
     label_tokens = (batch["labels"][:, 1:] != -100).sum()
     assert torch.allclose(accumulated_gradient(None), accumulated_gradient(2 * label_tokens), atol=1e-6)
+
+
+def test_torchrun_aimed_at_a_live_runs_folder_leaves_it_alone_and_refuses_once(tiny_model_dir, data_dir, tmp_path):
+    output_dir = tmp_path / "live"
+    flags = train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "10000", *FAST)
+    live = subprocess.Popen(
+        [sys.executable, str(INJECT), str(ROOT / "train.py"), *flags],
+        cwd=ROOT,
+        env={**script_env(), "SECONDS_PER_CALL": "0.5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while logged_steps(output_dir) < 1:  # past its own folder checks, holding the lock
+            assert live.poll() is None, "the live run ended early"
+            time.sleep(0.1)
+        incomplete = output_dir / "checkpoints" / training.CHECKPOINT_STAGING
+        incomplete.mkdir(parents=True)
+        (incomplete / "optimizer.pt").write_bytes(b"being written")
+        second = run_torchrun(ROOT / "train.py", *flags)
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
+    output = second.stdout + second.stderr
+    assert (incomplete / "optimizer.pt").read_bytes() == b"being written"
+    assert output.count(f"error: --output-dir {output_dir} is used by a running train.py (PID {live.pid}") == 1
+    assert output.count("Traceback") == 1  # torchrun's own, ending in its failure summary; none from a worker
+    assert re.search(r"Traceback \(most recent call last\):\n(  .*\n)+torch\.\S*\.ChildFailedError", output)
+    assert re.findall(r"^\s+exitcode\s+: (\d+)", output, re.MULTILINE) == ["2", "2"]  # its summary, one per rank
+
+
+def truncate(path) -> None:
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+@pytest.mark.parametrize("fault", ["missing model folder", "truncated train_data.json"])
+def test_overwrite_output_dir_keeps_the_previous_run_when_the_model_or_data_fail_to_load(
+    checkpointed_run, tiny_model_dir, tmp_path, capsys, fault
+):
+    data_copy, output_dir, schedule = copy_of(checkpointed_run, tmp_path)
+    model_dir = tmp_path / "no_such_model" if fault == "missing model folder" else tiny_model_dir
+    if fault == "truncated train_data.json":
+        truncate(data_copy / "train_data.json")
+    previous_run = sorted(path.relative_to(output_dir) for path in output_dir.rglob("*"))
+    code, _, err = run_train(train_args(model_dir, data_copy, output_dir, *schedule, "--overwrite-output-dir"), capsys)
+    assert code == 2
+    assert only_error_line(err)
+    assert sorted(path.relative_to(output_dir) for path in output_dir.rglob("*")) == previous_run
+
+
+@requires_qwen_tokenizer
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot be used")
+def test_a_large_model_without_a_usable_gpu_is_refused_before_its_weights_load(data_dir, tmp_path):
+    refused = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out"))  # QWEN_DIR holds no weights
+    assert refused.returncode == 2
+    line = only_error_line(refused.stderr)
+    assert "1,543,714,304 parameters" in line and "nvidia-smi" in line and "torch.cuda.is_available()" in line
+    assert line.endswith("or pass --allow-cpu to train on the CPU anyway")
+    assert not (tmp_path / "out").exists()
+    for flags in (["--dry-run"], ["--dry-run", "--allow-cpu"]):  # a plan needs no GPU; --allow-cpu passes the check
+        allowed = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", *flags))
+        assert allowed.returncode == 0, allowed.stderr
+        assert "device: cpu" in allowed.stdout

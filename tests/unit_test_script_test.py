@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -51,8 +50,7 @@ def test_a_folder_in_use_by_a_running_smoke_test_is_refused(tiny_model_dir, data
     unit_test = load_script("unit_test.py")
     output_dir = tmp_path / "finetune_100_model"
     output_dir.mkdir()
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "script": "unit_test.py"}
-    (output_dir / run_lock.LOCK_FILE).write_text(json.dumps(holder))
+    (output_dir / run_lock.LOCK_FILE).write_text(json.dumps(run_lock.this_process("unit_test.py")))
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--output-dir", str(output_dir)]
     assert run_stage(unit_test.main, unit_test.UnitTestConfig, argv) == 2
     assert f"is used by a running unit_test.py (PID {os.getpid()} on host" in capsys.readouterr().err
