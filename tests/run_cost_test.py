@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TRAINING_FLAGS, load_script, run_script
+from conftest import TINY_TRAINING_FLAGS, run_script
 
-from lora_summarization import hardware
+from lora_summarization import hardware, run_summary
 
 STEPS = 4  # of 8 examples each
 
@@ -62,9 +62,8 @@ def test_mfu_is_four_flops_per_parameter_and_token_over_the_listed_peak():
 
 
 def test_train_py_mfu_names_the_gpu_it_ran_on(monkeypatch):
-    train = load_script("train.py")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: "NVIDIA H100 80GB HBM3")  # no GPU here
     plan = {"device": "cuda", "precision": "bf16", "processes": 2, "trainable_parameters": 0}
     plan["base_parameters"] = 1_500_000_000
-    assert train.model_flops_utilization(plan, {"tokens_per_second": 20_000}) == 0.0606
-    assert train.model_flops_utilization({**plan, "device": "cpu"}, {"tokens_per_second": 20_000}) is None
+    assert run_summary.model_flops_utilization(plan, {"tokens_per_second": 20_000}) == 0.0606
+    assert run_summary.model_flops_utilization({**plan, "device": "cpu"}, {"tokens_per_second": 20_000}) is None
