@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import shutil
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +32,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from lora_summarization import data, modeling, resume_guard, run_folder
-from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, config_as_dict, run_stage, write_json
+from lora_summarization.cli import UsageError, config_as_dict, run_stage, write_json
 from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
 from lora_summarization.model_card import write_model_card
@@ -48,6 +46,7 @@ from lora_summarization.run_summary import (
     run_facts,
     train_loss_first_and_last,
 )
+from lora_summarization.stops import early_stop_exit_code, memory_remedies
 from lora_summarization.training import (
     RESUME_AFTER_FREEING_SPACE,
     build_trainer,
@@ -429,59 +428,6 @@ def report_to_problems(report_to: str) -> list[str]:
     return problems
 
 
-def resume_command(world_size: int) -> str:
-    """The command that continues this run: its own flags plus --resume."""
-    launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}"
-    starting_afresh = ("--resume", "--overwrite-output-dir", "--overwrite_output_dir")
-    flags = [arg for arg in sys.argv[1:] if arg not in starting_afresh]
-    return " ".join([launcher, "train.py", *map(shlex.quote, flags), "--resume"])
-
-
-def report_stop_by_signal(guard, world_size: int) -> None:
-    name = signal.Signals(guard.signal_number).name
-    print(
-        f"{name}: stopped at optimizer step {guard.signal_step}; checkpoint saved; "
-        f"continue with: {resume_command(world_size)}",
-        file=sys.stderr,
-    )
-
-
-def memory_remedies(config: TrainConfig) -> list[str]:
-    """What to try after an out-of-memory, in order, leaving out what the run already does."""
-    remedies = [] if config.gradient_checkpointing else ["--gradient-checkpointing"]
-    if config.precision != "bf16" and modeling.bf16_supported():
-        remedies.append("--precision bf16")
-    if config.batch_size > 1:
-        smaller = config.batch_size // 2 if config.batch_size % 2 == 0 else 1
-        remedies.append(f"--batch-size {smaller} --grad-accum {config.grad_accum * config.batch_size // smaller}")
-    return remedies
-
-
-def report_divergence(config: TrainConfig, step: int) -> None:
-    checkpoints = checkpoints_folder(config)
-    print(
-        f"error: the loss became NaN or infinite at optimizer step {step}; training stopped and the last good "
-        f"checkpoint (if any) is in {checkpoints}. Lower --learning-rate or use --precision fp32.",
-        file=sys.stderr,
-    )
-
-
-def early_stop_exit_code(config: TrainConfig, trainer, guard, world_size: int) -> int | None:
-    """The exit code of a run that stopped before its last step (NaN loss, SIGTERM/SIGINT); None if it finished.
-
-    Every process stops at the same step; rank 0 says why.
-    """
-    if guard.non_finite_step is not None:
-        if trainer.is_world_process_zero():
-            report_divergence(config, guard.non_finite_step)
-        return EXIT_CHECK_FAILED
-    if guard.signal_number is None:
-        return None
-    if trainer.is_world_process_zero():
-        report_stop_by_signal(guard, world_size)
-    return 128 + guard.signal_number
-
-
 def main(config: TrainConfig) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(config, world_size)
@@ -526,7 +472,7 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     trainer, guard = make_trainer(config, model, tokenizer, train, validation, settings, world_size)
     started = time.perf_counter()
     train_until_done_or_stopped(config, trainer, guard, checkpoint, plan["optimizer_steps"])
-    exit_code = early_stop_exit_code(config, trainer, guard, world_size)
+    exit_code = early_stop_exit_code(trainer, guard, world_size, checkpoints_folder(config))
     if exit_code is None:
         this_run = run_facts(trainer, started, checkpoint, overrides)
         if trainer.is_world_process_zero():
@@ -565,7 +511,7 @@ def train_until_done_or_stopped(config: TrainConfig, trainer, guard, checkpoint:
     if checkpoint and checkpoint_step(checkpoint) >= last_step:
         restore_checkpoint(trainer, checkpoint)
         return
-    remedies = memory_remedies(config)
+    remedies = memory_remedies(config.gradient_checkpointing, config.precision, config.batch_size, config.grad_accum)
     with guard.signals_caught(), out_of_memory_reported("train.py", trainer, remedies, checkpoints_folder(config)):
         trainer.train(resume_from_checkpoint=checkpoint)
 
