@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from lora_summarization import data, modeling, resume_guard, run_folder
 from lora_summarization.cli import UsageError, config_as_dict, run_stage, write_json
 from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
+from lora_summarization.logging_integrations import integrations, report_to_problems
 from lora_summarization.model_card import write_model_card
 from lora_summarization.run_lock import is_main_process, main_process_decides, output_dir_lock
 from lora_summarization.run_summary import (
@@ -409,23 +409,6 @@ def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, p
     write_json(folder / "training_summary.json", summary)
     # After save_pretrained, which writes PEFT's own README.md; the card names --output-dir, not the staging folder.
     write_model_card(config.output_dir, summary, staging_dir=folder)
-
-
-def integrations(report_to: str) -> list[str]:
-    names = [name.strip() for name in report_to.split(",") if name.strip()]
-    return [] if names == ["none"] else names
-
-
-def report_to_problems(report_to: str) -> list[str]:
-    """Unknown or uninstalled logging integrations, found before any model loads."""
-    available = get_available_reporting_integrations()
-    problems = []
-    for name in integrations(report_to):
-        if name not in INTEGRATION_TO_CALLBACK:
-            problems.append(f"--report-to {name} is unknown; choose from none, {', '.join(INTEGRATION_TO_CALLBACK)}")
-        elif name not in available:
-            problems.append(f"--report-to {name} needs its package installed (pip install {name})")
-    return problems
 
 
 def main(config: TrainConfig) -> int:
