@@ -146,7 +146,17 @@ def validate(config: TrainConfig, world_size: int) -> None:
         problems.append("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: pass one")
     if config.resume_anyway and not config.resume:
         problems.append("--resume-anyway only applies with --resume")
-    problems += lora_problems(config)
+    problems += modeling.lora_problems(
+        config.model,
+        config.lora_r,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.target_modules,
+        config.use_dora,
+        config.use_rslora,
+        loraplus_lr_ratio=config.loraplus_lr_ratio,
+        neftune_noise_alpha=config.neftune_noise_alpha,
+    )
     if config.keep_best and (config.eval_steps < 1 or config.save_steps % config.eval_steps):
         problems.append(
             f"--keep-best chooses among checkpoints by their validation loss, so --save-steps ({config.save_steps}) "
@@ -154,42 +164,6 @@ def validate(config: TrainConfig, world_size: int) -> None:
         )
     if problems:
         raise UsageError("; ".join(problems))
-
-
-def lora_settings(config: TrainConfig) -> dict:
-    """The arguments of modeling.lora_config."""
-    return {
-        "r": config.lora_r,
-        "alpha": config.lora_alpha,
-        "dropout": config.lora_dropout,
-        "target_modules": config.target_modules,
-        "use_dora": config.use_dora,
-        "use_rslora": config.use_rslora,
-    }
-
-
-def lora_problems(config: TrainConfig) -> list[str]:
-    """Bad LoRA values, then what PEFT itself refuses, tried on the model built without its weights."""
-    rules = [
-        ("--lora-r", config.lora_r >= 1, "at least 1"),
-        ("--lora-alpha", config.lora_alpha > 0, "positive"),
-        ("--lora-dropout", 0 <= config.lora_dropout < 1, "in [0, 1)"),
-        ("--loraplus-lr-ratio", config.loraplus_lr_ratio >= 0, "positive (0 = off)"),
-        ("--neftune-noise-alpha", config.neftune_noise_alpha >= 0, "positive (0 = off)"),
-    ]
-    problems = [f"{flag} must be {rule}" for flag, ok, rule in rules if not ok]
-    if problems:
-        return problems
-    try:
-        refusal = modeling.lora_refusal(config.model, **lora_settings(config))
-    except UsageError as error:  # no config.json to build the model from
-        return [str(error)]
-    if refusal is None:
-        return []
-    flags = f"--lora-r {config.lora_r} --lora-alpha {config.lora_alpha} --lora-dropout {config.lora_dropout} "
-    flags += f"--target-modules {config.target_modules}"
-    flags += " --use-dora" * config.use_dora + " --use-rslora" * config.use_rslora
-    return [f"PEFT refuses the adapter of {flags} on {config.model} (change those flags): {refusal}"]
 
 
 def load_datasets(config: TrainConfig, tokenizer):

@@ -182,6 +182,48 @@ def lora_refusal(model_name: str, **lora_settings) -> str | None:
     return None
 
 
+def lora_problems(
+    model_name: str,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: str,
+    use_dora: bool,
+    use_rslora: bool,
+    *,
+    loraplus_lr_ratio: float,
+    neftune_noise_alpha: float,
+) -> list[str]:
+    """Bad LoRA values, then what PEFT itself refuses, tried on the model built without its weights."""
+    rules = [
+        ("--lora-r", r >= 1, "at least 1"),
+        ("--lora-alpha", alpha > 0, "positive"),
+        ("--lora-dropout", 0 <= dropout < 1, "in [0, 1)"),
+        ("--loraplus-lr-ratio", loraplus_lr_ratio >= 0, "positive (0 = off)"),
+        ("--neftune-noise-alpha", neftune_noise_alpha >= 0, "positive (0 = off)"),
+    ]
+    problems = [f"{flag} must be {rule}" for flag, ok, rule in rules if not ok]
+    if problems:
+        return problems
+    try:
+        refusal = lora_refusal(
+            model_name,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            use_dora=use_dora,
+            use_rslora=use_rslora,
+        )
+    except UsageError as error:  # no config.json to build the model from
+        return [str(error)]
+    if refusal is None:
+        return []
+    flags = f"--lora-r {r} --lora-alpha {alpha} --lora-dropout {dropout} --target-modules {target_modules}"
+    flags += " --use-dora" * use_dora + " --use-rslora" * use_rslora
+    return [f"PEFT refuses the adapter of {flags} on {model_name} (change those flags): {refusal}"]
+
+
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, frozen base) parameters; tied weights are counted once."""
     params = {id(p): p for p in model.parameters()}.values()
