@@ -15,7 +15,6 @@ per folder (a lock file), and a folder holding a previous run needs --resume or 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -51,11 +50,9 @@ from lora_summarization.training import (
     RESUME_AFTER_FREEING_SPACE,
     build_trainer,
     checkpoint_step,
-    clear_incomplete_checkpoints,
     core_training_arguments,
     encode_records,
     latest_checkpoint,
-    latest_loadable_checkpoint,
     optimizer_steps_per_epoch,
     out_of_memory_reported,
     plot_loss_curve,
@@ -286,55 +283,16 @@ def best_checkpoint_arguments(keep_best: bool) -> dict:
     return {"load_best_model_at_end": True, "metric_for_best_model": "eval_content_loss", "greater_is_better": False}
 
 
-def refuse_previous_run(config: TrainConfig) -> None:
-    """A fresh run must not continue or append to an old one: refuse its folder unless asked to clear it."""
-    output_dir = Path(config.output_dir)
-    found = run_folder.previous_run_outputs(output_dir)
-    if found and not (config.resume or config.overwrite_output_dir):
-        raise UsageError(
-            f"--output-dir {output_dir} holds a previous run ({', '.join(found)}); "
-            "pass --resume to continue it or --overwrite-output-dir to delete it first"
-        )
-
-
-def clear_previous_run(config: TrainConfig) -> None:
-    """--overwrite-output-dir, once the model and data have loaded: a typo in a flag must not cost the old run."""
-    output_dir = Path(config.output_dir)
-    if config.overwrite_output_dir and not config.dry_run and run_folder.previous_run_outputs(output_dir):
-        print(f"--overwrite-output-dir: deleting the previous run in {output_dir}")
-        run_folder.clear_folder(output_dir)
-
-
 def prepare_output_dir(config: TrainConfig) -> str | None:
     """Called under the lock, so a folder that a live run uses is never touched, and on rank 0 alone; every
     process gets the checkpoint to resume."""
-    return main_process_decides(lambda: check_output_dir(config))
-
-
-def check_output_dir(config: TrainConfig) -> str | None:
-    refuse_previous_run(config)
-    return resume_checkpoint(config)
+    return main_process_decides(
+        lambda: run_folder.check_output_dir(config.output_dir, config.resume, config.overwrite_output_dir)
+    )
 
 
 def checkpoints_folder(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / "checkpoints"
-
-
-def resume_checkpoint(config: TrainConfig) -> str | None:
-    checkpoint_dir = checkpoints_folder(config)
-    clear_incomplete_checkpoints(checkpoint_dir)
-    if not config.resume:
-        return None
-    if latest_checkpoint(checkpoint_dir) is None:
-        raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start fresh")
-    checkpoint = latest_loadable_checkpoint(checkpoint_dir, set_aside=is_main_process())
-    if checkpoint is None:
-        raise UsageError(
-            f"--resume: no checkpoint in {checkpoint_dir} can be loaded (each is set aside as broken-checkpoint-N); "
-            "start afresh with --overwrite-output-dir instead of --resume"
-        )
-    print(f"resuming from {checkpoint}")
-    return checkpoint
+    return run_folder.checkpoints_folder(config.output_dir)
 
 
 def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
@@ -414,12 +372,14 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     settings = resume_settings(config, world_size)
     overrides = resume_guard.check_resume(checkpoint, settings, config.resume_anyway) if checkpoint else []
     model = build_model(config, weights=not config.dry_run)
-    main_process_decides(lambda: clear_previous_run(config))
+    main_process_decides(
+        lambda: run_folder.clear_previous_run(config.output_dir, config.overwrite_output_dir, config.dry_run)
+    )
     plan = training_plan(config, train, model, world_size)
     print_plan(plan)
     if config.dry_run:
         return 0
-    if checkpoint and final_outputs_saved(config, checkpoint, plan["optimizer_steps"]):
+    if checkpoint and run_folder.final_outputs_saved(config.output_dir, checkpoint, plan["optimizer_steps"]):
         if is_main_process():
             print(
                 f"{config.output_dir} already holds the adapter of the last step ({plan['optimizer_steps']}); "
@@ -447,17 +407,6 @@ def make_trainer(config: TrainConfig, model, tokenizer, train, validation, setti
     )
     trainer.checkpoint_json[resume_guard.SETTINGS_FILE] = settings
     return trainer, guard
-
-
-def final_outputs_saved(config: TrainConfig, checkpoint: str, last_step: int) -> bool:
-    """Whether the run already ended: its checkpoint is at the last step and the final save from it is complete
-    (publish_staged moves adapter_config.json in last)."""
-    output_dir = Path(config.output_dir)
-    summary_file = output_dir / "training_summary.json"
-    step = checkpoint_step(checkpoint)
-    if step < last_step or not (output_dir / modeling.ADAPTER_CONFIG_FILE).exists() or not summary_file.exists():
-        return False
-    return json.loads(summary_file.read_text(encoding="utf-8"))["optimizer_steps"] == step
 
 
 def train_until_done_or_stopped(config: TrainConfig, trainer, guard, checkpoint: str | None, last_step: int) -> None:

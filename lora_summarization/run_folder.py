@@ -1,15 +1,19 @@
-"""What a run leaves in its output folder: finding a previous run's outputs, clearing them, and publishing
-the final outputs so that a folder never looks like a finished adapter before it is one."""
+"""What a run leaves in its output folder: finding a previous run's outputs, refusing or clearing them, finding the
+checkpoint to resume, and publishing the final outputs so that a folder never looks like a finished adapter
+before it is one."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from .cli import UsageError
 from .modeling import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from .run_lock import LOCK_FILE
+from .run_lock import LOCK_FILE, is_main_process
+from .training import checkpoint_step, clear_incomplete_checkpoints, latest_checkpoint, latest_loadable_checkpoint
 
 # What makes a folder a previous run's: its checkpoints, its logs (appended to by a new run) or its adapter.
 RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "runs", ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
@@ -53,3 +57,58 @@ def publish_staged(staging: Path, folder: str | Path) -> None:
     for path in sorted(staging.iterdir(), key=lambda path: path.name == ADAPTER_CONFIG_FILE):
         os.replace(path, folder / path.name)
     staging.rmdir()
+
+
+def checkpoints_folder(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def refuse_previous_run(output_dir: str | Path, resume: bool, overwrite_output_dir: bool) -> None:
+    """A fresh run must not continue or append to an old one: refuse its folder unless asked to clear it."""
+    output_dir = Path(output_dir)
+    found = previous_run_outputs(output_dir)
+    if found and not (resume or overwrite_output_dir):
+        raise UsageError(
+            f"--output-dir {output_dir} holds a previous run ({', '.join(found)}); "
+            "pass --resume to continue it or --overwrite-output-dir to delete it first"
+        )
+
+
+def clear_previous_run(output_dir: str | Path, overwrite_output_dir: bool, dry_run: bool) -> None:
+    """--overwrite-output-dir, once the model and data have loaded: a typo in a flag must not cost the old run."""
+    output_dir = Path(output_dir)
+    if overwrite_output_dir and not dry_run and previous_run_outputs(output_dir):
+        print(f"--overwrite-output-dir: deleting the previous run in {output_dir}")
+        clear_folder(output_dir)
+
+
+def check_output_dir(output_dir: str | Path, resume: bool, overwrite_output_dir: bool) -> str | None:
+    refuse_previous_run(output_dir, resume, overwrite_output_dir)
+    return resume_checkpoint(checkpoints_folder(output_dir), resume)
+
+
+def resume_checkpoint(checkpoint_dir: Path, resume: bool) -> str | None:
+    clear_incomplete_checkpoints(checkpoint_dir)
+    if not resume:
+        return None
+    if latest_checkpoint(checkpoint_dir) is None:
+        raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start fresh")
+    checkpoint = latest_loadable_checkpoint(checkpoint_dir, set_aside=is_main_process())
+    if checkpoint is None:
+        raise UsageError(
+            f"--resume: no checkpoint in {checkpoint_dir} can be loaded (each is set aside as broken-checkpoint-N); "
+            "start afresh with --overwrite-output-dir instead of --resume"
+        )
+    print(f"resuming from {checkpoint}")
+    return checkpoint
+
+
+def final_outputs_saved(output_dir: str | Path, checkpoint: str, last_step: int) -> bool:
+    """Whether the run already ended: its checkpoint is at the last step and the final save from it is complete
+    (publish_staged moves adapter_config.json in last)."""
+    output_dir = Path(output_dir)
+    summary_file = output_dir / "training_summary.json"
+    step = checkpoint_step(checkpoint)
+    if step < last_step or not (output_dir / ADAPTER_CONFIG_FILE).exists() or not summary_file.exists():
+        return False
+    return json.loads(summary_file.read_text(encoding="utf-8"))["optimizer_steps"] == step
