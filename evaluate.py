@@ -34,9 +34,10 @@ from lora_summarization.comparison import (
     FINE_TUNED,
     PREDICTIONS_FILE,
     RESULTS_FILE,
+    adapter_rows,
     column_settings,
     read_compared_runs,
-    read_jsonl,
+    rescore,
     study_report,
     study_results,
 )
@@ -46,7 +47,6 @@ from lora_summarization.evaluation import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULTS,
     FOLLOWED_SETTINGS,
-    METRIC_NAMES,
     ModelScores,
     OutOfMemoryInPass,
     TestSet,
@@ -69,9 +69,6 @@ from lora_summarization.modeling import (
     load_tokenizer,
     resolve_device,
 )
-from lora_summarization.prompts import extract_summary
-
-NO_ADAPTER = "none"
 
 
 @dataclass
@@ -123,7 +120,7 @@ PLAIN_MODEL = "model"  # the row of --model scored alone (--adapter none)
 
 def main(config: EvalConfig) -> int:
     if config.score:
-        return rescore(config)
+        return rescore(config.score, config.output_dir)
     if config.compare:
         return compare_runs(config)
     records, adapters = check_inputs(config)
@@ -175,31 +172,6 @@ def collect_problem(problems: list[str], check, *args):
         return check(*args)
     except UsageError as error:
         problems.append(str(error))
-
-
-def adapter_rows(folders: list[str]) -> dict[str, str]:
-    """Each adapter folder by its row name: `fine_tuned` when alone, else the folder's name; none for `none`."""
-    if NO_ADAPTER in folders:
-        if len(folders) > 1:
-            raise UsageError(f"--adapter {NO_ADAPTER} scores --model alone; give it without adapter folders")
-        return {}
-    if len(folders) == 1:
-        return {FINE_TUNED: folders[0]}
-    rows: dict[str, str] = {}
-    for folder in folders:
-        name = Path(folder).resolve().name
-        if name in rows:
-            same = Path(rows[name]).resolve() == Path(folder).resolve()
-            raise UsageError(
-                f"--adapter lists {folder} twice; give each folder once"
-                if same
-                else f"--adapter folders {rows[name]} and {folder} would both be named '{name}' in the results; "
-                "rename one of them"
-            )
-        if name == BASE:
-            raise UsageError(f"--adapter folder {folder} would be named '{BASE}' like the base model; rename it")
-        rows[name] = folder
-    return rows
 
 
 def peft_name(index: int) -> str:
@@ -322,24 +294,6 @@ def predictions_text(records: list[dict], scores: dict[str, ModelScores]) -> str
         for index, record in enumerate(records)
     ]
     return "\n".join(lines) + "\n"
-
-
-def rescore(config: EvalConfig) -> None:
-    """ROUGE of outside predictions, computed exactly as for our own (a leading `Summary:` is removed too).
-
-    The means go to `<output-dir>/<file stem>_rouge.json`.
-    """
-    pairs = read_jsonl(Path(config.score), "--score")
-    for number, pair in enumerate(pairs, start=1):
-        if not all(isinstance(pair.get(key), str) for key in ("prediction", "reference")):
-            raise UsageError(f'{config.score} line {number} needs the text fields "prediction" and "reference"')
-    rouge = rouge_scores([extract_summary(pair["prediction"]) for pair in pairs], [pair["reference"] for pair in pairs])
-    means = {name: float(scores.mean()) for name, scores in rouge.items()}
-    output = Path(config.output_dir) / f"{Path(config.score).stem}_rouge.json"
-    write_json(output, {"file": config.score, "n": len(pairs), **means})
-    print(f"ROUGE F1 x100 of {len(pairs):,} predictions in {config.score} (also in {output}):")
-    for name, mean in means.items():
-        print(f"{METRIC_NAMES[name]:<11}{100 * mean:>8.2f}")
 
 
 def compare_runs(config: EvalConfig) -> int:

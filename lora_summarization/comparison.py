@@ -10,15 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import UsageError
+from .cli import UsageError, write_json
 from .evaluation import (
     COMPARED,
     LOWER_IS_BETTER,
+    METRIC_NAMES,
     ModelScores,
     bootstrap_summary,
     comparison_plan,
     format_report,
     mean_words,
+    rouge_scores,
 )
 from .prompts import extract_summary
 
@@ -27,6 +29,7 @@ RESULTS_FILE = "evaluation_results.json"  # beside the predictions; it holds eac
 BASE = "base"  # the base model's row, with every adapter disabled
 FINE_TUNED = "fine_tuned"  # the row of the adapter when there is only one, and the arm when there is only one
 MIN_SHARED_IDS = 20
+NO_ADAPTER = "none"  # --adapter none: score --model alone
 
 
 def read_jsonl(path: Path, flag: str) -> list[dict]:
@@ -342,3 +345,46 @@ def study_report(study: dict) -> str:
     return format_report(
         study["models"], study["comparisons"], study.get("arms"), study.get("reference_words"), study["seed_note"]
     )
+
+
+def adapter_rows(folders: list[str]) -> dict[str, str]:
+    """Each adapter folder by its row name: `fine_tuned` when alone, else the folder's name; none for `none`."""
+    if NO_ADAPTER in folders:
+        if len(folders) > 1:
+            raise UsageError(f"--adapter {NO_ADAPTER} scores --model alone; give it without adapter folders")
+        return {}
+    if len(folders) == 1:
+        return {FINE_TUNED: folders[0]}
+    rows: dict[str, str] = {}
+    for folder in folders:
+        name = Path(folder).resolve().name
+        if name in rows:
+            same = Path(rows[name]).resolve() == Path(folder).resolve()
+            raise UsageError(
+                f"--adapter lists {folder} twice; give each folder once"
+                if same
+                else f"--adapter folders {rows[name]} and {folder} would both be named '{name}' in the results; "
+                "rename one of them"
+            )
+        if name == BASE:
+            raise UsageError(f"--adapter folder {folder} would be named '{BASE}' like the base model; rename it")
+        rows[name] = folder
+    return rows
+
+
+def rescore(score_file: str, output_dir: str) -> None:
+    """ROUGE of outside predictions, computed exactly as for our own (a leading `Summary:` is removed too).
+
+    The means go to `<output-dir>/<file stem>_rouge.json`.
+    """
+    pairs = read_jsonl(Path(score_file), "--score")
+    for number, pair in enumerate(pairs, start=1):
+        if not all(isinstance(pair.get(key), str) for key in ("prediction", "reference")):
+            raise UsageError(f'{score_file} line {number} needs the text fields "prediction" and "reference"')
+    rouge = rouge_scores([extract_summary(pair["prediction"]) for pair in pairs], [pair["reference"] for pair in pairs])
+    means = {name: float(scores.mean()) for name, scores in rouge.items()}
+    output = Path(output_dir) / f"{Path(score_file).stem}_rouge.json"
+    write_json(output, {"file": score_file, "n": len(pairs), **means})
+    print(f"ROUGE F1 x100 of {len(pairs):,} predictions in {score_file} (also in {output}):")
+    for name, mean in means.items():
+        print(f"{METRIC_NAMES[name]:<11}{100 * mean:>8.2f}")
