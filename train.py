@@ -145,12 +145,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
         problems.append("--resume-anyway only applies with --resume")
     problems += modeling.lora_problems(
         config.model,
-        config.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        config.target_modules,
-        config.use_dora,
-        config.use_rslora,
+        **lora_settings(config),
         loraplus_lr_ratio=config.loraplus_lr_ratio,
         neftune_noise_alpha=config.neftune_noise_alpha,
     )
@@ -161,6 +156,18 @@ def validate(config: TrainConfig, world_size: int) -> None:
         )
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def lora_settings(config: TrainConfig) -> dict:
+    """The arguments of modeling.lora_config."""
+    return {
+        "r": config.lora_r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": config.target_modules,
+        "use_dora": config.use_dora,
+        "use_rslora": config.use_rslora,
+    }
 
 
 def load_datasets(config: TrainConfig, tokenizer):
@@ -209,16 +216,7 @@ def build_model(config: TrainConfig, weights: bool):
     dtype = modeling.configure_precision(config.precision)
     base = modeling.load_base_model(config.model, dtype, weights=weights)
     set_seed(config.seed)  # the LoRA initialisation
-    return modeling.apply_lora(
-        base,
-        config.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        config.target_modules,
-        config.gradient_checkpointing,
-        use_dora=config.use_dora,
-        use_rslora=config.use_rslora,
-    )
+    return modeling.apply_lora(base, gradient_checkpointing=config.gradient_checkpointing, **lora_settings(config))
 
 
 def training_plan(config: TrainConfig, train, model, world_size: int) -> dict:
