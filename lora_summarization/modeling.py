@@ -176,7 +176,9 @@ def lora_refusal(model_name: str, **lora_settings) -> str | None:
     not in the model, ...), found on a weightless copy built from config.json; None when they fit."""
     base = load_base_model(model_name, weights=False)
     try:
-        get_peft_model(base, lora_config(**lora_settings))
+        with warnings.catch_warnings():  # a probe before the checks of the data: the real run warns about the same
+            warnings.simplefilter("ignore", FutureWarning)
+            get_peft_model(base, lora_config(**lora_settings))
     except (ValueError, TypeError) as error:
         return str(error).strip().splitlines()[0]
     return None

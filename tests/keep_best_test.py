@@ -14,7 +14,7 @@ from lora_summarization.cli import run_stage
 STEPS, EVERY = 12, 2
 ZIGZAG = (
     *("--max-steps", STEPS, "--eval-steps", EVERY, "--save-steps", EVERY, "--save-total-limit", 2),
-    *("--learning-rate", "1", "--lr-scheduler", "constant", "--warmup-steps", "0", "--batch-size", "4"),
+    *("--learning-rate", "3", "--lr-scheduler", "constant", "--warmup-steps", "0", "--batch-size", "4"),
     *("--grad-accum", "2", "--eval-examples", "8", "--logging-steps", EVERY, "--report-to", "none"),
     *("--max-length", "480", "--keep-best"),
 )

@@ -440,6 +440,7 @@ def test_resume_allows_other_intervals_and_resume_anyway_records_what_it_overrod
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["optimizer_steps"] == 4 and summary["resume_overrides"] == []
 
+    shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")  # at the last step it would only be saved again
     code, _, err = run_train([*argv, "--learning-rate", "2e-2", "--resume-anyway"], capsys)
     assert code == 0, err
     assert "warning: --resume-anyway: continuing although --learning-rate: checkpoint 0.01, now 0.02" in err
@@ -529,7 +530,8 @@ def test_torchrun_aimed_at_a_live_runs_folder_leaves_it_alone_and_refuses_once(t
     assert output.count(f"error: --output-dir {output_dir} is used by a running train.py (PID {live.pid}") == 1
     assert output.count("Traceback") == 1  # torchrun's own, ending in its failure summary; none from a worker
     assert re.search(r"Traceback \(most recent call last\):\n(  .*\n)+torch\.\S*\.ChildFailedError", output)
-    assert re.findall(r"^\s+exitcode\s+: (\d+)", output, re.MULTILINE) == ["2", "2"]  # its summary, one per rank
+    # Its summary lists every rank that had exited when it looked (the other may still be leaving): all with 2.
+    assert set(re.findall(r"^\s+exitcode\s+: (\d+)", output, re.MULTILINE)) == {"2"}
 
 
 def truncate(path) -> None:
