@@ -1,11 +1,14 @@
 """Stage 4: score the base model and one or more fine-tuned adapters on the test set, and say which gains are real.
 
 Every model is scored on the same prompts (the base is the same model with every adapter disabled): losses on the
-reference summaries, greedy summaries scored with ROUGE, and paired bootstraps of the differences.
+reference summaries, greedy summaries scored with ROUGE, and paired bootstraps of the differences. Adapters whose
+training settings differ only in the seed form one arm, compared by a two-level bootstrap over dialogues and seeds.
 
     python evaluate.py --model Qwen/Qwen2.5-1.5B-Instruct --adapter fine_tuned_model --data-dir data
     python evaluate.py --adapter run_lr5e-5 run_lr1e-4      # base, both adapters, each against base and the first
     python evaluate.py --model merged_model --adapter none   # one model alone (a merged export, or the base)
+    python evaluate.py --adapter runA_s42 runA_s43 runA_s44 runB_s42 runB_s43 runB_s44   # seeds grouped into arms
+    python evaluate.py --adapter run/checkpoints/checkpoint-500 run/checkpoints/checkpoint-900   # checkpoints of a run
 
 Quick look, loss only: `python evaluate.py --max-examples 50 --no-generate`.
 Rescore outside predictions with the same ROUGE (JSONL lines with "prediction" and "reference"; no model):

@@ -5,6 +5,9 @@
     python train.py --dry-run                        # print the plan; works without model weights
     python train.py --resume                         # continue from the latest checkpoint
     python train.py --overwrite-output-dir           # start afresh, deleting the previous run's outputs
+    python train.py --use-dora                       # a LoRA variant: --use-rslora, --loraplus-lr-ratio 16, ...
+    python train.py --keep-best                      # the adapter is the best validation checkpoint, not the last
+    python train.py --seed 43 --output-dir run_s43   # another seed: evaluate.py groups seeds into arms
     torchrun --nproc_per_node 2 train.py             # DDP; the effective batch stays batch x accumulation
 
 Edit the defaults in TrainConfig below, or override any field on the command line (--learning-rate 1e-4).
