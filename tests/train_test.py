@@ -556,14 +556,14 @@ def test_overwrite_output_dir_keeps_the_previous_run_when_the_model_or_data_fail
 
 @requires_qwen_tokenizer
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot be used")
-def test_a_large_model_without_a_usable_gpu_is_refused_before_its_weights_load(data_dir, tmp_path):
-    refused = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out"))  # QWEN_DIR holds no weights
-    assert refused.returncode == 2
-    line = only_error_line(refused.stderr)
+def test_a_large_model_without_a_usable_gpu_is_refused_before_its_weights_load(data_dir, tmp_path, capsys):
+    code, _, err = run_train(train_args(QWEN_DIR, data_dir, tmp_path / "out"), capsys)  # QWEN_DIR holds no weights
+    assert code == 2
+    line = only_error_line(err)
     assert "1,543,714,304 parameters" in line and "nvidia-smi" in line and "torch.cuda.is_available()" in line
     assert line.endswith("or pass --allow-cpu to train on the CPU anyway")
     assert not (tmp_path / "out").exists()
     for flags in (["--dry-run"], ["--dry-run", "--allow-cpu"]):  # a plan needs no GPU; --allow-cpu passes the check
-        allowed = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", *flags))
-        assert allowed.returncode == 0, allowed.stderr
-        assert "device: cpu" in allowed.stdout
+        code, out, err = run_train(train_args(QWEN_DIR, data_dir, tmp_path / "out", *flags), capsys)
+        assert code == 0, err
+        assert "device: cpu" in out
