@@ -13,15 +13,18 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import importlib.util
+import io
 import json
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from lora_summarization.cli import run_stage
 from lora_summarization.synthetic import make_examples, write_samsum_csvs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +132,25 @@ def run_script(script: str, *args, cwd: Path | None = None, timeout: int = 600) 
     )
 
 
+STAGE_CONFIGS = {
+    "data_preparation.py": "DataConfig",
+    "unit_test.py": "UnitTestConfig",
+    "train.py": "TrainConfig",
+    "evaluate.py": "EvalConfig",
+}
+
+
+def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
+    """A stage through its own `run_stage` entry point in this process, with stdout and stderr captured: what
+    run_script does without the ~10 s of imports a new process costs here. What needs a process of its own
+    (signals, kills, torchrun, warnings on a command's stderr) uses run_script."""
+    module = load_script(script)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = run_stage(module.main, getattr(module, STAGE_CONFIGS[script]), [str(arg) for arg in args])
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def write_data_dir(folder: Path, sizes: dict[str, int] | None = None) -> Path:
     """The four record files of data_preparation.py, written directly from synthetic examples."""
     from lora_summarization import data
@@ -167,7 +189,7 @@ TINY_TRAINING_FLAGS = ("--learning-rate", "1e-2", "--warmup-steps", "0", "--batc
 def trained_adapter_dir(tmp_path_factory, tiny_model_dir, data_dir) -> Path:
     """An adapter trained by train.py on the synthetic data, so that its loss and summaries improve."""
     output_dir = tmp_path_factory.mktemp("fine_tuned_model")
-    result = run_script(
+    result = run_in_process(
         "train.py",
         *("--model", tiny_model_dir, "--data-dir", data_dir, "--output-dir", output_dir),
         *("--max-steps", "80", "--eval-steps", "40", "--save-steps", "40", "--logging-steps", "5"),

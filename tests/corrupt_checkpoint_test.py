@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import TINY_TRAINING_FLAGS, run_script
+from conftest import TINY_TRAINING_FLAGS, run_in_process
 from train_test import assert_same_adapter, only_error_line, run_train, train_args
 
 SCHEDULE = ("--max-steps", "4", "--save-steps", "2", "--eval-steps", "1000", "--logging-steps", "1")
@@ -15,7 +15,7 @@ FLAGS = (*SCHEDULE, "--report-to", "none", *TINY_TRAINING_FLAGS)
 def finished_run(tiny_model_dir, data_dir, tmp_path_factory):
     """A whole 4-step run that left checkpoint-2 and checkpoint-4 beside its adapter."""
     output_dir = tmp_path_factory.mktemp("finished")
-    result = run_script("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *FLAGS))
+    result = run_in_process("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *FLAGS))
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 

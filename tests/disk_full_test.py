@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAINING_FLAGS, run_script
+from conftest import TINY_TRAINING_FLAGS, run_in_process
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from train_test import only_error_line, run_train, train_args
@@ -54,7 +54,7 @@ def small_tmpfs(tmp_path):
 def two_step_run(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
     """A 2-step run on the ordinary disk, to measure what its checkpoint and its final outputs take."""
     output_dir = tmp_path_factory.mktemp("measured")
-    result = run_script("train.py", *train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "2", *QUIET))
+    result = run_in_process("train.py", *train_args(tiny_model_dir, data_dir, output_dir, "--max-steps", "2", *QUIET))
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 

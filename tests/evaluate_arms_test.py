@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY_TRAINING_FLAGS, load_script, run_script
+from conftest import TINY_TRAINING_FLAGS, load_script, run_in_process
 from evaluate_runs_test import read_lines, run
 
 from lora_summarization import data
@@ -42,7 +42,7 @@ def seed_runs(tmp_path_factory, tiny_model_dir, data_dir):
     for learning_rate, arm in (("1e-2", "a"), ("2e-2", "b")):
         for seed in (1, 2):
             folder = folders[f"{arm}_s{seed}"] = root / f"{arm}_s{seed}"
-            result = run_script(
+            result = run_in_process(
                 "train.py",
                 *("--model", tiny_model_dir, "--data-dir", data_dir, "--output-dir", folder, "--seed", seed),
                 *("--max-steps", "2", "--eval-steps", "2", "--save-steps", "2", "--eval-examples", "4"),

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import load_script, run_script
+from conftest import load_script, run_in_process
 
 from lora_summarization.cli import run_stage
 
@@ -27,7 +27,7 @@ def keep_best_args(model_dir, data_dir, output_dir, *extra) -> list:
 @pytest.fixture(scope="module")
 def keep_best_run(tmp_path_factory, tiny_model_dir, data_dir):
     output_dir = tmp_path_factory.mktemp("keep-best") / "run"
-    result = run_script("train.py", *keep_best_args(tiny_model_dir, data_dir, output_dir))
+    result = run_in_process("train.py", *keep_best_args(tiny_model_dir, data_dir, output_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result.stdout
 
@@ -79,7 +79,7 @@ def test_a_resumed_run_keeps_the_best_checkpoint_of_the_steps_before_it(
     shutil.rmtree(output_dir / "checkpoints" / f"checkpoint-{STEPS}")
     for stale in ("adapter_model.safetensors", "training_summary.json"):
         (output_dir / stale).unlink()
-    result = run_script("train.py", *keep_best_args(tiny_model_dir, data_dir, output_dir, "--resume"))
+    result = run_in_process("train.py", *keep_best_args(tiny_model_dir, data_dir, output_dir, "--resume"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_kept_best(output_dir, best_step)
     assert weights_bytes(output_dir) == weights_bytes(finished)
@@ -103,7 +103,7 @@ def test_evaluate_scores_checkpoints_of_one_run_with_the_settings_they_were_trai
     output_dir, _ = keep_best_run
     checkpoints = sorted((output_dir / "checkpoints").iterdir())
     flags = ("--data-dir", data_dir, "--output-dir", tmp_path, "--max-examples", "4", "--no-generate")
-    result = run_script("evaluate.py", "--model", tiny_model_dir, "--adapter", *checkpoints, *flags)
+    result = run_in_process("evaluate.py", "--model", tiny_model_dir, "--adapter", *checkpoints, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "evaluation_results.json").read_text())
     assert sorted(results["models"]) == sorted(["base", *(checkpoint.name for checkpoint in checkpoints)])

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY_TRAINING_FLAGS, run_script, script_env
+from conftest import ROOT, TINY_TRAINING_FLAGS, run_in_process, script_env
 from train_test import INJECT, STOP_LINE, assert_same_adapter, logged_steps, train_args
 
 from lora_summarization import run_folder, run_lock, training
@@ -22,7 +22,7 @@ FLAGS = (*SCHEDULE, "--logging-steps", "1", *TINY_TRAINING_FLAGS)
 @pytest.fixture(scope="module")
 def uninterrupted_dir(tiny_model_dir, data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_script("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *FLAGS))
+    result = run_in_process("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *FLAGS))
     assert result.returncode == 0, result.stderr
     return output_dir
 
@@ -63,13 +63,13 @@ def resume_from_stop_line(stopped: subprocess.CompletedProcess) -> subprocess.Co
     step, command = STOP_LINE.search(stopped.stderr).groups()
     launcher, script, *flags = shlex.split(command)
     assert (launcher, script) == ("python", "train.py")
-    return run_script("train.py", *flags)
+    return run_in_process("train.py", *flags)
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_model_dir, data_dir, uninterrupted_dir, tmp_path):
     output_dir = tmp_path / "finished"
     shutil.copytree(uninterrupted_dir, output_dir)
-    resumed = run_script("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *FLAGS), "--resume")
+    resumed = run_in_process("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *FLAGS), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"{output_dir} already holds the adapter of the last step (6); nothing to train" in resumed.stdout
     assert_finished_like(uninterrupted_dir, output_dir)
@@ -103,7 +103,7 @@ def test_sigkill_in_the_final_save_then_resume_saves_the_last_checkpoint(
     assert finish(process).returncode == -signal.SIGKILL
     assert not (output_dir / "adapter_model.safetensors").exists()
 
-    resumed = run_script("train.py", *flags, "--resume")
+    resumed = run_in_process("train.py", *flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_finished_like(uninterrupted_dir, output_dir)
 
@@ -123,7 +123,7 @@ def test_the_log_of_a_killed_and_resumed_run_holds_each_step_once(
     process.send_signal(signal.SIGKILL)
     assert finish(process).returncode == -signal.SIGKILL
 
-    resumed = run_script("train.py", *flags, "--resume")
+    resumed = run_in_process("train.py", *flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "checkpoint-3" in resumed.stdout
     records, expected = loss_records(output_dir), loss_records(uninterrupted_dir)

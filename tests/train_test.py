@@ -17,6 +17,7 @@ from conftest import (
     TINY_TRAINING_FLAGS,
     load_script,
     requires_qwen_tokenizer,
+    run_in_process,
     run_script,
     script_env,
 )
@@ -74,11 +75,11 @@ def test_dry_run_plans_the_steps_that_training_takes(tiny_model_dir, data_dir, t
     config_only = tmp_path / "config_only"
     shutil.copytree(tiny_model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors"))
     schedule = ("--batch-size", "3", "--grad-accum", "2", "--epochs", "2")
-    dry = run_script("train.py", *train_args(config_only, data_dir, tmp_path / "dry", "--dry-run", *schedule))
+    dry = run_in_process("train.py", *train_args(config_only, data_dir, tmp_path / "dry", "--dry-run", *schedule))
     assert dry.returncode == 0, dry.stderr
     assert not (tmp_path / "dry").exists()
 
-    real = run_script("train.py", *train_args(tiny_model_dir, data_dir, tmp_path / "real", *schedule, *FAST))
+    real = run_in_process("train.py", *train_args(tiny_model_dir, data_dir, tmp_path / "real", *schedule, *FAST))
     assert real.returncode == 0, real.stderr
     trained = json.loads((tmp_path / "real" / "training_summary.json").read_text())
     assert planned_steps(dry.stdout) == trained["optimizer_steps"] == 2 * 11  # 64 examples: 22 batches of 3 per epoch
@@ -86,7 +87,7 @@ def test_dry_run_plans_the_steps_that_training_takes(tiny_model_dir, data_dir, t
 
 @requires_qwen_tokenizer
 def test_dry_run_on_the_real_qwen_config_counts_the_published_parameters(data_dir, tmp_path):
-    result = run_script("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", "--dry-run"))
+    result = run_in_process("train.py", *train_args(QWEN_DIR, data_dir, tmp_path / "out", "--dry-run"))
     assert result.returncode == 0, result.stderr
     assert "trainable parameters: 2,179,072 of 1,543,714,304 (0.14%)" in result.stdout
 
@@ -104,7 +105,7 @@ def assert_same_adapter(expected_dir, actual_dir):
 @pytest.fixture(scope="module")
 def uninterrupted_dir(tiny_model_dir, data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_script(
+    result = run_in_process(
         "train.py", *train_args(tiny_model_dir, data_dir, output_dir, *RESUME_SCHEDULE, *TINY_TRAINING_FLAGS)
     )
     assert result.returncode == 0, result.stderr
@@ -160,7 +161,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(
         launcher, script, *resume_flags = shlex.split(command)
         assert (launcher, script, resume_flags) == ("python", "train.py", [*flags, "--resume"])
 
-    resumed = run_script("train.py", *resume_flags)
+    resumed = run_in_process("train.py", *resume_flags)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     assert_same_adapter(uninterrupted_dir, output_dir)
