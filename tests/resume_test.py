@@ -129,6 +129,7 @@ def test_the_log_of_a_killed_and_resumed_run_holds_each_step_once(
     records, expected = loss_records(output_dir), loss_records(uninterrupted_dir)
     assert [step for step, _ in records] == [step for step, _ in expected] == list(range(1, 7))
     assert [loss for _, loss in records] == pytest.approx([loss for _, loss in expected], abs=1e-5)
+    assert_finished_like(uninterrupted_dir, output_dir)  # and the same adapter as the run that was never killed
 
 
 def assert_stopped_with_a_checkpoint(stopped: subprocess.CompletedProcess, output_dir) -> str:

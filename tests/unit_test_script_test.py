@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import load_script, run_script
+from conftest import load_script, run_in_process, run_script
 
 from lora_summarization import run_lock
 from lora_summarization.cli import run_stage
@@ -59,7 +59,7 @@ def test_a_folder_in_use_by_a_running_smoke_test_is_refused(tiny_model_dir, data
 def test_smoke_test_in_bf16_reports_finite_losses(tiny_model_dir, data_dir, tmp_path):
     output_dir = tmp_path / "finetune_100_model"
     args = ("--model", tiny_model_dir, "--data-dir", data_dir, "--output-dir", output_dir, *SMOKE)
-    result = run_script("unit_test.py", *args, "--learning-rate", "1e-2", "--precision", "bf16")
+    result = run_in_process("unit_test.py", *args, "--learning-rate", "1e-2", "--precision", "bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output_dir / "unit_test_report.json").read_text())
     assert report["settings"]["precision"] == "bf16"
