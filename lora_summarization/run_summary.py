@@ -76,20 +76,21 @@ def cost_line(this_run: dict, mfu: float | None) -> str:
 
 def run_facts(trainer, started: float, checkpoint: str | None, overrides: list[str]) -> dict:
     """What this run (since a resume) did; every process must call it (the token count is summed over them)."""
+    tokens = int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum"))
     return {
-        "tokens_trained_on": int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")),
+        "tokens_trained_on": tokens,
         "runtime_seconds": round(time.perf_counter() - started, 1),
-        **training_cost(trainer),
+        **training_cost(trainer, tokens),
         "resumed_from": checkpoint,
         "resume_overrides": overrides,
     }
 
 
-def training_cost(trainer) -> dict:
+def training_cost(trainer, tokens: int) -> dict:
     """Throughput over the time inside optimizer steps (start-up, evaluation, checkpoints and logging excluded:
-    training.StepTimer), examples and tokens summed over processes; the peak memory of each process's device."""
+    training.StepTimer) of `tokens` and the examples summed over processes; the peak memory of each process's
+    device."""
     device = trainer.args.device
-    tokens = trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum")
     examples = trainer.accelerator.reduce(torch.tensor(trainer.examples_seen, device=device), reduction="sum")
     local = torch.tensor([[trainer.step_timer.seconds, hardware.peak_memory_mib(device)]], device=device)
     seconds, peaks = trainer.accelerator.gather(local.double()).cpu().T.tolist()
@@ -97,7 +98,7 @@ def training_cost(trainer) -> dict:
     return {
         "training_step_seconds": round(slowest, 3),
         "examples_per_second": round(int(examples) / slowest, 3) if slowest else None,
-        "tokens_per_second": round(int(tokens) / slowest, 1) if slowest else None,
+        "tokens_per_second": round(tokens / slowest, 1) if slowest else None,
         "peak_memory_mib": [round(peak, 1) for peak in peaks],
         "peak_memory_measure": hardware.peak_memory_measure(device),
     }
