@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_summarization.arms import adapter_records
 from lora_summarization.cli import RunFailed, UsageError, config_as_dict, run_stage, write_atomic, write_json
 from lora_summarization.comparison import (
     BASE,
@@ -59,7 +60,6 @@ from lora_summarization.evaluation import (
     follow_training,
     rouge_scores,
     score_model,
-    training_settings,
 )
 from lora_summarization.export import trained_on
 from lora_summarization.model_card import add_evaluation
@@ -72,6 +72,7 @@ from lora_summarization.modeling import (
     load_tokenizer,
     resolve_device,
 )
+from lora_summarization.resume_guard import file_sha256
 
 
 @dataclass
@@ -126,7 +127,7 @@ def main(config: EvalConfig) -> int:
         return rescore(config.score, config.output_dir)
     if config.compare:
         return compare_runs(config)
-    records, adapters = check_inputs(config)
+    records, adapters, trained = check_inputs(config)
     given = {key: getattr(config, key) for key in FOLLOWED_SETTINGS}
     # --adapter none: a merged export carries its training settings in its own folder.
     config = dataclasses.replace(config, **follow_training(list(adapters.values()) or [config.model], given))
@@ -140,17 +141,17 @@ def main(config: EvalConfig) -> int:
             f"evaluate.py {error}; pass a smaller --batch-size (now {config.batch_size}), "
             "or --precision bf16 on GPUs that support it"
         ) from error
-    settings = {name: training_settings(folder) for name, folder in adapters.items()}
-    study = study_results(scores, settings, test_set.references, config.bootstrap_samples, config.seed)
+    study = study_results(scores, trained, test_set.references, config.bootstrap_samples, config.seed)
     save_outputs(config, records, scores, study, adapters, str(model.device))
     print(study_report(study))
     return 0
 
 
-def check_inputs(config: EvalConfig) -> tuple[list[dict], dict[str, str]]:
+def check_inputs(config: EvalConfig) -> tuple[list[dict], dict[str, str], dict[str, dict | None]]:
     """Report every problem with the flags, the test file and the adapters at once, before any model loads.
 
-    Returns the test records and the adapters by the name of their row in the results.
+    Returns the test records, the adapters by the name of their row in the results, and what train.py recorded of
+    each (arms.adapter_record), by which they form arms.
     """
     rules = [
         ("--batch-size", config.batch_size >= 1, "at least 1"),
@@ -161,13 +162,18 @@ def check_inputs(config: EvalConfig) -> tuple[list[dict], dict[str, str]]:
         ("--precision", config.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ]
     problems = [f"{flag} must be {rule}" for flag, ok, rule in rules if not ok]
-    records = collect_problem(problems, read_records, Path(config.data_dir) / TEST_FILE, FIELDS_WITH_ID)
+    records = collect_problem(problems, read_records, test_file(config), FIELDS_WITH_ID)
     adapters = collect_problem(problems, adapter_rows, config.adapter) or {}
     for folder in adapters.values():
         collect_problem(problems, check_adapter_folder, folder)
+    trained = {} if problems else collect_problem(problems, adapter_records, adapters)
     if problems:
         raise UsageError("; ".join(problems))
-    return records[: config.max_examples or None], adapters
+    return records[: config.max_examples or None], adapters, trained
+
+
+def test_file(config: EvalConfig) -> Path:
+    return Path(config.data_dir) / TEST_FILE
 
 
 def collect_problem(problems: list[str], check, *args):
@@ -242,7 +248,7 @@ def card_results(results: dict, name: str, difference: dict) -> dict:
 def save_outputs(config: EvalConfig, records, scores: dict, study: dict, adapters: dict, device: str) -> None:
     output_dir = Path(config.output_dir)
     first = next(iter(scores.values()))
-    settings = {**config_as_dict(config), "device": device}
+    settings = {**config_as_dict(config), "device": device, "test_sha256": file_sha256(test_file(config))}
     if adapters:
         settings["adapter_base_model"] = trained_on(next(iter(adapters.values())))
     results = {

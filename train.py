@@ -215,6 +215,15 @@ def resume_settings(config: TrainConfig, world_size: int) -> dict:
     return resume_guard.resume_settings(config, RESUME_FIELDS, world_size, data_files)
 
 
+def trained_record(config: TrainConfig, settings: dict, plan: dict, checkpoint: str | None, overrides: list[str]):
+    """What this run trains, for every checkpoint and the training summary (resume_guard.trained_record); on the
+    main process alone, which writes them."""
+    earlier = resume_guard.earlier_parts(checkpoint, checkpoint_step(checkpoint), overrides) if checkpoint else []
+    return main_process_decides(
+        lambda: resume_guard.trained_record(settings, config.model, plan["optimizer_steps"], earlier)
+    )
+
+
 def build_model(config: TrainConfig, weights: bool):
     dtype = modeling.configure_precision(config.precision)
     base = modeling.load_base_model(config.model, dtype, weights=weights)
@@ -296,14 +305,15 @@ def checkpoints_folder(config: TrainConfig) -> Path:
     return run_folder.checkpoints_folder(config.output_dir)
 
 
-def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
+def save_outputs(config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict, trained: dict) -> None:
     """Adapter, tokenizer, model card, loss curve and training_summary.json, written to a staging folder and
-    moved into --output-dir only when all are complete; `this_run` counts since a resume."""
+    moved into --output-dir only when all are complete; `this_run` counts since a resume, `trained` is what the
+    whole run trained (trained_record)."""
     output_dir = Path(config.output_dir)
     staging = run_folder.fresh_staging_folder(output_dir)
     try:
         with disk_full_reported(staging, lambda: final_save_disk_full(config, staging)):
-            write_final_outputs(staging, config, trainer, tokenizer, plan, this_run)
+            write_final_outputs(staging, config, trainer, tokenizer, plan, this_run, trained)
             run_folder.publish_staged(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -322,7 +332,9 @@ def final_save_disk_full(config: TrainConfig, staging: Path) -> DiskFull:
     return DiskFull(config.output_dir, "the adapter", needed, RESUME_AFTER_FREEING_SPACE)
 
 
-def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict) -> None:
+def write_final_outputs(
+    folder: Path, config: TrainConfig, trainer, tokenizer, plan: dict, this_run: dict, trained: dict
+) -> None:
     trainer.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     save_generation_config(folder, tokenizer)  # the decoding evaluate.py scores, for the card's snippet and serving
@@ -338,6 +350,7 @@ def write_final_outputs(folder: Path, config: TrainConfig, trainer, tokenizer, p
         "mfu": model_flops_utilization(plan, this_run),
         "kept_best": kept_best(trainer.state) if config.keep_best else None,
         "settings": config_as_dict(config),
+        "trained": trained,
     }
     write_json(folder / "training_summary.json", summary)
     # After save_pretrained, which writes PEFT's own README.md; the card names --output-dir, not the staging folder.
@@ -387,26 +400,27 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
                 "nothing to train"
             )
         return 0
-    trainer, guard = make_trainer(config, model, tokenizer, train, validation, settings, world_size)
+    trained = trained_record(config, settings, plan, checkpoint, overrides)
+    trainer, guard = make_trainer(config, model, tokenizer, train, validation, trained, world_size)
     started = time.perf_counter()
     train_until_done_or_stopped(config, trainer, guard, checkpoint, plan["optimizer_steps"])
     exit_code = early_stop_exit_code(trainer, guard, world_size, checkpoints_folder(config))
     if exit_code is None:
         this_run = run_facts(trainer, started, checkpoint, overrides)
         if trainer.is_world_process_zero():
-            save_outputs(config, trainer, tokenizer, plan, this_run)
+            save_outputs(config, trainer, tokenizer, plan, this_run, trained)
     end_processes_together(trainer)
     return exit_code or 0
 
 
-def make_trainer(config: TrainConfig, model, tokenizer, train, validation, settings: dict, world_size: int):
+def make_trainer(config: TrainConfig, model, tokenizer, train, validation, trained: dict, world_size: int):
     modeling.resolve_device()
     args = training_arguments(config, checkpoints_folder(config), world_size)
     tensorboard = "tensorboard" in integrations(config.report_to)
     trainer, guard = build_trainer(
         model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard, config.loraplus_lr_ratio
     )
-    trainer.checkpoint_json[resume_guard.SETTINGS_FILE] = settings
+    trainer.checkpoint_json[resume_guard.SETTINGS_FILE] = trained
     return trainer, guard
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .arms import FINE_TUNED, group_arms
 from .cli import UsageError, write_json
 from .evaluation import (
     COMPARED,
@@ -23,13 +25,14 @@ from .evaluation import (
     rouge_scores,
 )
 from .prompts import extract_summary
+from .run_folder import CHECKPOINTS_FOLDER
 
 PREDICTIONS_FILE = "evaluation_predictions.jsonl"
 RESULTS_FILE = "evaluation_results.json"  # beside the predictions; it holds each adapter's training settings
 BASE = "base"  # the base model's row, with every adapter disabled
-FINE_TUNED = "fine_tuned"  # the row of the adapter when there is only one, and the arm when there is only one
 MIN_SHARED_IDS = 20
 NO_ADAPTER = "none"  # --adapter none: score --model alone
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 
 
 def read_jsonl(path: Path, flag: str) -> list[dict]:
@@ -63,6 +66,7 @@ class ComparedRuns:
 
 def read_compared_runs(paths: list[str]) -> ComparedRuns:
     files = run_labels(paths)
+    check_scored_alike(files)
     runs = {label: read_run(Path(path)) for label, path in files.items()}
     ids, dropped = shared_ids(runs)
     references = [next(iter(runs.values()))[example_id]["reference"] for example_id in ids]
@@ -156,49 +160,49 @@ def column_settings(files: dict[str, str], columns: list[str]) -> dict[str, dict
 
 
 def recorded_settings(predictions_file: Path) -> dict:
+    return results_beside(predictions_file).get("training_settings", {})
+
+
+def results_beside(predictions_file: Path) -> dict:
+    """The results file evaluate.py wrote beside its predictions file ({} for outside predictions, or where it
+    is missing)."""
     results = predictions_file.parent / RESULTS_FILE
     if predictions_file.name != PREDICTIONS_FILE or not results.is_file():
         return {}
     try:
-        return json.loads(results.read_text(encoding="utf-8")).get("training_settings", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise UsageError(f"{results} is not a results file written by evaluate.py; remove it or fix it") from None
+        recorded = json.loads(results.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{results} is not a results file written by evaluate.py; remove it or fix it")
+    return recorded
 
 
-# Settings that say where or how a run was launched, not what it trained: seeds of one arm may differ in them.
-NOT_ARM_SETTINGS = ("seed", "output_dir", "resume", "resume_anyway", "overwrite_output_dir", "report_to", "debug")
+# How evaluate.py scored a file: predictions scored otherwise do not compare.
+SCORED_ALIKE = {
+    "test_sha256": "test set",
+    "precision": "--precision",
+    "max_new_tokens": "--max-new-tokens",
+    "max_length": "--max-length",
+    "system_prompt": "--system-prompt",
+}
+
+
+def check_scored_alike(files: dict[str, str]) -> None:
+    """Refuse files whose results files record a different test set or scoring setting (a setting a file does not
+    record is not compared)."""
+    scored = {path: results_beside(Path(path)).get("settings", {}) for path in files.values()}
+    for name, label in SCORED_ALIKE.items():
+        values = {path: settings[name] for path, settings in scored.items() if name in settings}
+        if len({json.dumps(value) for value in values.values()}) > 1:
+            listed = ", ".join(f"{value!r} in {path}" for path, value in values.items())
+            raise UsageError(
+                f"the --compare files were scored with a different {label} ({listed}); compare files scored alike"
+            )
+
+
 FEW_SEEDS = 3  # below this an arm's interval cannot hold seed variance
 ENOUGH_SEEDS = 5  # from this on the seed part of an interval is no longer clearly optimistic
-
-
-def group_arms(settings: dict[str, dict | None]) -> dict[str, list[str]]:
-    """Rows (adapters) by arm: rows whose training settings are equal but for NOT_ARM_SETTINGS form one arm.
-
-    An arm is named by the settings that tell the arms apart (`learning_rate=0.0001`), or `fine_tuned` when there
-    is one arm only; a row without settings is an arm of its own under its row name. When every arm has one row,
-    arms keep their row names, so single-seed runs read as before.
-    """
-    arms: dict[str, list[str]] = {}
-    for row, row_settings in settings.items():
-        key = row if row_settings is None else json.dumps(arm_settings(row_settings), sort_keys=True)
-        arms.setdefault(key, []).append(row)
-    if all(len(rows) == 1 for rows in arms.values()):
-        return {rows[0]: rows for rows in arms.values()}
-    known = {key: json.loads(key) for key, rows in arms.items() if settings[rows[0]] is not None}
-    differing = sorted({name for values in known.values() for name in values if different(known, name)})
-    return {arm_name(json.loads(key), differing) if key in known else key: rows for key, rows in arms.items()}
-
-
-def arm_settings(settings: dict) -> dict:
-    return {key: value for key, value in settings.items() if key not in NOT_ARM_SETTINGS}
-
-
-def different(arms: dict[str, dict], name: str) -> bool:
-    return len({json.dumps(values.get(name)) for values in arms.values()}) > 1
-
-
-def arm_name(settings: dict, differing: list[str]) -> str:
-    return ", ".join(f"{name}={settings.get(name)}" for name in differing) or FINE_TUNED
 
 
 def two_level_bootstrap(
@@ -348,7 +352,8 @@ def study_report(study: dict) -> str:
 
 
 def adapter_rows(folders: list[str]) -> dict[str, str]:
-    """Each adapter folder by its row name: `fine_tuned` when alone, else the folder's name; none for `none`."""
+    """Each adapter folder by its row name: `fine_tuned` when alone, else the folder's name, and for a checkpoint
+    its run's and its own (`run_a/checkpoint-40`); none for `none`."""
     if NO_ADAPTER in folders:
         if len(folders) > 1:
             raise UsageError(f"--adapter {NO_ADAPTER} scores --model alone; give it without adapter folders")
@@ -357,7 +362,7 @@ def adapter_rows(folders: list[str]) -> dict[str, str]:
         return {FINE_TUNED: folders[0]}
     rows: dict[str, str] = {}
     for folder in folders:
-        name = Path(folder).resolve().name
+        name = row_name(folder)
         if name in rows:
             same = Path(rows[name]).resolve() == Path(folder).resolve()
             raise UsageError(
@@ -370,6 +375,16 @@ def adapter_rows(folders: list[str]) -> dict[str, str]:
             raise UsageError(f"--adapter folder {folder} would be named '{BASE}' like the base model; rename it")
         rows[name] = folder
     return rows
+
+
+def row_name(folder: str) -> str:
+    """A folder's name; a checkpoint's (run/checkpoints/checkpoint-N) with its run's in front, so that the same step
+    of two runs does not collide."""
+    path = Path(folder).resolve()
+    if not CHECKPOINT_NAME.fullmatch(path.name):
+        return path.name
+    run = path.parent.parent if path.parent.name == CHECKPOINTS_FOLDER else path.parent
+    return f"{run.name}/{path.name}"
 
 
 def rescore(score_file: str, output_dir: str) -> None:

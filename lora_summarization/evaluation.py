@@ -23,7 +23,7 @@ from transformers.utils import GENERATION_CONFIG_NAME
 
 from .cli import UsageError
 from .prompts import EncodedExample, encode_example, end_of_turn_id, extract_summary, prompt_ids
-from .resume_guard import SETTINGS_FILE, flag
+from .resume_guard import field_values, read_record
 from .training import example_loss_sums, length_sorted_batches, model_hidden_states
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -56,37 +56,29 @@ DEFAULTS = {"system_prompt": None, "max_length": 512}
 FOLLOWED_SETTINGS = tuple(DEFAULTS)
 
 
-def training_settings(adapter_dir: str | Path) -> dict | None:
-    """Every setting train.py recorded in the adapter's training_summary.json; None when it has no summary."""
+def read_training_summary(adapter_dir: str | Path) -> dict | None:
+    """The adapter's training_summary.json written by train.py; None when it has none."""
     path = Path(adapter_dir) / TRAINING_SUMMARY_FILE
     if not path.is_file():
         return None
     try:
-        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise UsageError(f"{path} is not a training summary written by train.py; remove it or fix it") from None
-    return settings
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        summary = None
+    if not isinstance(summary, dict):
+        raise UsageError(f"{path} is not a training summary written by train.py; remove it or fix it")
+    return summary
 
 
 def trained_settings(adapter_dir: str | Path) -> dict:
     """The FOLLOWED_SETTINGS recorded in the adapter's training_summary.json, or for a checkpoint in its
     resume_settings.json (none when it has neither)."""
-    settings = training_settings(adapter_dir)
-    if settings is None:
-        return checkpoint_settings(adapter_dir)
+    summary = read_training_summary(adapter_dir)
+    if summary is not None:
+        settings = summary.get("settings", {})
+    else:
+        settings = field_values(read_record(adapter_dir) or {})
     return {key: settings[key] for key in FOLLOWED_SETTINGS if key in settings}
-
-
-def checkpoint_settings(checkpoint_dir: str | Path) -> dict:
-    """The FOLLOWED_SETTINGS of the run a train.py checkpoint belongs to, recorded by flag in the checkpoint."""
-    path = Path(checkpoint_dir) / SETTINGS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))["settings"]
-        return {key: settings[flag(key)] for key in FOLLOWED_SETTINGS if flag(key) in settings}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f"{path} is not a checkpoint's settings written by train.py; remove it or fix it") from None
 
 
 def follow_training(adapter_dirs: list[str], given: dict) -> dict:

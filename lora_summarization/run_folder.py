@@ -15,8 +15,9 @@ from .modeling import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from .run_lock import LOCK_FILE, is_main_process
 from .training import checkpoint_step, clear_incomplete_checkpoints, latest_checkpoint, latest_loadable_checkpoint
 
+CHECKPOINTS_FOLDER = "checkpoints"
 # What makes a folder a previous run's: its checkpoints, its logs (appended to by a new run) or its adapter.
-RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "runs", ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+RUN_OUTPUTS = (CHECKPOINTS_FOLDER, "train_log.jsonl", "runs", ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 FINAL_STAGING = ".final-staging"
 
 
@@ -60,7 +61,7 @@ def publish_staged(staging: Path, folder: str | Path) -> None:
 
 
 def checkpoints_folder(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS_FOLDER
 
 
 def refuse_previous_run(output_dir: str | Path, resume: bool, overwrite_output_dir: bool) -> None:

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lora_summarization.comparison import group_arms, seed_note, two_level_bootstrap
+from lora_summarization.arms import group_arms
+from lora_summarization.comparison import seed_note, two_level_bootstrap
 from lora_summarization.evaluation import paired_bootstrap
 
 
@@ -68,8 +69,8 @@ def test_adapters_equal_but_for_the_seed_form_an_arm_named_by_what_tells_arms_ap
         }
     )
     assert arms == {
-        "learning_rate=5e-05, use_dora=None": ["a42", "a43"],
-        "learning_rate=0.0001, use_dora=None": ["b42", "b43", "b44"],
+        "learning_rate=5e-05, use_dora=False": ["a42", "a43"],
+        "learning_rate=0.0001, use_dora=False": ["b42", "b43", "b44"],
         "learning_rate=0.0001, use_dora=True": ["c42"],
         "outside": ["outside"],
     }
