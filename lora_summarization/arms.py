@@ -81,17 +81,23 @@ def arm_identity(
     settings: dict, trained: dict | None = None, optimizer_steps: int | None = None, step: int | str = FINAL
 ) -> dict:
     """settled_identity, and under `resumed` what the parts trained before a resume that changed it trained
-    otherwise (`until step 40: learning_rate=0.01`)."""
+    otherwise (`until step 40: learning_rate=0.01`); a resume that changed nothing of it (more GPUs, another batch
+    split) leaves no trace."""
     trained = trained or {}
     identity = settled_identity(settings, trained, optimizer_steps, step)
-    resumed = []
-    for part in trained.get("earlier", []):
-        before = settled_identity({**settings, **field_values(part)}, part, None, step)
-        changed = [f"{name}={shown(before.get(name))}" for name in sorted(before) if before[name] != identity.get(name)]
-        resumed.append(f"until step {part['until_step']}: {', '.join(changed) or 'settings not recorded'}")
+    resumed = [change for part in trained.get("earlier", []) if (change := part_change(part, settings, identity, step))]
     if resumed:
         identity["resumed"] = resumed
     return identity
+
+
+def part_change(part: dict, settings: dict, identity: dict, step: int | str) -> str | None:
+    """How a part trained before a resume differs from `identity` (None when it does not)."""
+    if "settings" not in part:  # its checkpoint recorded nothing
+        return f"until step {part['until_step']}: settings not recorded"
+    before = settled_identity({**settings, **field_values(part)}, part, None, step)
+    changed = [f"{name}={shown(before[name])}" for name in sorted(before) if before[name] != identity.get(name)]
+    return f"until step {part['until_step']}: {', '.join(changed)}" if changed else None
 
 
 def adapter_record(folder: str | Path, adapter_sha256: str) -> dict | None:
