@@ -1,14 +1,20 @@
 """Stage 4: score the base model and one or more fine-tuned adapters on the test set, and say which gains are real.
 
 Every model is scored on the same prompts (the base is the same model with every adapter disabled): losses on the
-reference summaries, greedy summaries scored with ROUGE, and paired bootstraps of the differences. Adapters whose
-training settings differ only in the seed form one arm, compared by a two-level bootstrap over dialogues and seeds.
+reference summaries, greedy summaries scored with ROUGE, and paired bootstraps of the differences. Adapters that
+trained the same thing form one arm of seeds, compared by a two-level bootstrap over dialogues and seeds: the same
+model (by content, not path), training data (by sha256), effective batch, planned optimizer steps, optimisation and
+LoRA settings, precision, system prompt, max length and resume overrides; the validation data and the evaluation and
+checkpoint intervals count only with --keep-best. Launch details (folders, the batch split, logging, activation
+checkpointing) never split an arm (lora_summarization/arms.py). An adapter given twice, or two rows with one seed in
+an arm, are refused.
 
     python evaluate.py --model Qwen/Qwen2.5-1.5B-Instruct --adapter fine_tuned_model --data-dir data
     python evaluate.py --adapter run_lr5e-5 run_lr1e-4      # base, both adapters, each against base and the first
     python evaluate.py --model merged_model --adapter none   # one model alone (a merged export, or the base)
     python evaluate.py --adapter runA_s42 runA_s43 runA_s44 runB_s42 runB_s43 runB_s44   # seeds grouped into arms
     python evaluate.py --adapter run/checkpoints/checkpoint-500 run/checkpoints/checkpoint-900   # checkpoints of a run
+    python evaluate.py --adapter run_s42/checkpoints/checkpoint-500 run_s43/checkpoints/checkpoint-500  # one arm
 
 Quick look, loss only: `python evaluate.py --max-examples 50 --no-generate`.
 Rescore outside predictions with the same ROUGE (JSONL lines with "prediction" and "reference"; no model):
@@ -18,6 +24,9 @@ Rescore outside predictions with the same ROUGE (JSONL lines with "prediction" a
 Compare finished runs without a model (evaluation_predictions.jsonl files, or outside id/prediction/reference lines):
 
     python evaluate.py --compare run_a/evaluation_predictions.jsonl run_b/evaluation_predictions.jsonl
+
+Files are refused unless scored alike (the test set, --precision, --max-new-tokens, --max-length and --system-prompt
+in the evaluation_results.json beside each). A checkpoint's row is named by its run and step (`run_s42/checkpoint-500`).
 
 Writes evaluation_results.json, evaluation_predictions.jsonl and evaluation_chart.png to --output-dir (the results
 file last, so that it exists only beside a complete set), and adds each adapter's metrics to its model card.

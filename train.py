@@ -14,6 +14,11 @@ Edit the defaults in TrainConfig below, or override any field on the command lin
 Writes fine_tuned_model/: the adapter (PEFT safetensors), tokenizer, a model card (README.md),
 training_summary.json, train_log.jsonl, loss_curve.png, TensorBoard runs/ and checkpoints/. One run at a time
 per folder (a lock file), and a folder holding a previous run needs --resume or --overwrite-output-dir.
+
+training_summary.json and every checkpoint's resume_settings.json record what was trained (`trained`): the settings
+that shape the training, the sha256 of the data, the base model's identity (its config and weights by content:
+resume_guard.model_identity), the planned optimizer steps, and what the run trained before each --resume-anyway
+that changed them. evaluate.py groups seeds into arms by it, whatever folders, batch split or intervals they used.
 """
 
 from __future__ import annotations

@@ -75,6 +75,19 @@ def write_json(path: Path, payload) -> None:
     write_atomic(path, json_text(payload))
 
 
+def read_json_object(path: Path, what: str) -> dict | None:
+    """The JSON object in the file `path` (None when there is none); refused when the file holds anything else."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is not {what}; remove it or fix it")
+    return value
+
+
 def json_text(payload) -> str:
     """The text `write_json` writes."""
     return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"

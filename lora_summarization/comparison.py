@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .arms import FINE_TUNED, group_arms
-from .cli import UsageError, write_json
+from .cli import UsageError, read_json_object, write_json
 from .evaluation import (
     COMPARED,
     LOWER_IS_BETTER,
@@ -166,16 +166,10 @@ def recorded_settings(predictions_file: Path) -> dict:
 def results_beside(predictions_file: Path) -> dict:
     """The results file evaluate.py wrote beside its predictions file ({} for outside predictions, or where it
     is missing)."""
-    results = predictions_file.parent / RESULTS_FILE
-    if predictions_file.name != PREDICTIONS_FILE or not results.is_file():
+    if predictions_file.name != PREDICTIONS_FILE:
         return {}
-    try:
-        recorded = json.loads(results.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise UsageError(f"{results} is not a results file written by evaluate.py; remove it or fix it")
-    return recorded
+    results = predictions_file.parent / RESULTS_FILE
+    return read_json_object(results, "a results file written by evaluate.py") or {}
 
 
 # How evaluate.py scored a file: predictions scored otherwise do not compare.

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from .cli import UsageError
+from .cli import UsageError, read_json_object
 from .prompts import EncodedExample, encode_example, end_of_turn_id, extract_summary, prompt_ids
 from .resume_guard import field_values, read_record
 from .training import example_loss_sums, length_sorted_batches, model_hidden_states
@@ -58,16 +58,7 @@ FOLLOWED_SETTINGS = tuple(DEFAULTS)
 
 def read_training_summary(adapter_dir: str | Path) -> dict | None:
     """The adapter's training_summary.json written by train.py; None when it has none."""
-    path = Path(adapter_dir) / TRAINING_SUMMARY_FILE
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        summary = None
-    if not isinstance(summary, dict):
-        raise UsageError(f"{path} is not a training summary written by train.py; remove it or fix it")
-    return summary
+    return read_json_object(Path(adapter_dir) / TRAINING_SUMMARY_FILE, "a training summary written by train.py")
 
 
 def trained_settings(adapter_dir: str | Path) -> dict:

@@ -9,7 +9,6 @@ Every checkpoint holds this record as resume_settings.json, and training_summary
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
-from .cli import UsageError
+from .cli import UsageError, read_json_object
 
 SETTINGS_FILE = "resume_settings.json"
 MODEL_CONFIG_FILE = "config.json"
@@ -91,13 +90,8 @@ def resume_settings(config, fields: Iterable[str], processes: int, data_files: I
 def read_record(checkpoint: str | Path) -> dict | None:
     """The record a train.py checkpoint holds (None when it has none)."""
     path = Path(checkpoint) / SETTINGS_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        record = None
-    if not (isinstance(record, dict) and isinstance(record.get("settings"), dict)):
+    record = read_json_object(path, "a checkpoint's settings written by train.py")
+    if record is not None and not isinstance(record.get("settings"), dict):
         raise UsageError(f"{path} is not a checkpoint's settings written by train.py; remove it or fix it")
     return record
 

@@ -15,7 +15,6 @@ from lora_summarization import data
 from lora_summarization.arms import arm_identity, group_arms
 from lora_summarization.cli import config_as_dict
 from lora_summarization.resume_guard import file_sha256, model_identity
-from lora_summarization.synthetic import make_examples
 
 STEPS = ("--max-steps", "2", "--save-steps", "1", "--eval-examples", "4", "--report-to", "none")
 
@@ -63,28 +62,19 @@ def evaluate(tiny_model_dir, test_dir, output_dir, *adapters, tokens="4"):
 
 
 @pytest.fixture(scope="module")
-def test_dir(tmp_path_factory):
-    """20 unseen test dialogues, the fewest --compare accepts."""
-    folder = tmp_path_factory.mktemp("arm-test-data")
-    records = [data.make_record(e["id"], e["dialogue"], e["summary"]) for e in make_examples(20, seed=77)]
-    (folder / data.TEST_FILE).write_text(json.dumps(records), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def arms_evaluated(runs, tiny_model_dir, test_dir, tmp_path_factory):
+def arms_evaluated(runs, tiny_model_dir, study_data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("arms-evaluated")
-    result = evaluate(tiny_model_dir, test_dir, output_dir, *runs.values())
+    result = evaluate(tiny_model_dir, study_data_dir, output_dir, *runs.values())
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 
 
 @pytest.fixture(scope="module")
-def checkpoints_evaluated(runs, tiny_model_dir, test_dir, tmp_path_factory):
+def checkpoints_evaluated(runs, tiny_model_dir, study_data_dir, tmp_path_factory):
     """The checkpoints of steps 1 and 2 of seeds 1 and 2, with summaries of 2 tokens instead of 4."""
     output_dir = tmp_path_factory.mktemp("checkpoints-evaluated")
     checkpoints = [runs[run] / "checkpoints" / f"checkpoint-{step}" for step in (1, 2) for run in ("a_s1", "a_s2")]
-    result = evaluate(tiny_model_dir, test_dir, output_dir, *checkpoints, tokens="2")
+    result = evaluate(tiny_model_dir, study_data_dir, output_dir, *checkpoints, tokens="2")
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 
@@ -140,15 +130,15 @@ def test_checkpoints_are_named_by_run_and_step_and_pooled_by_step(checkpoints_ev
     }
 
 
-def test_one_adapter_twice_or_one_seed_twice_in_an_arm_is_refused(runs, tiny_model_dir, test_dir, tmp_path):
+def test_one_adapter_twice_or_one_seed_twice_in_an_arm_is_refused(runs, tiny_model_dir, study_data_dir, tmp_path):
     copy = shutil.copytree(runs["a_s1"], tmp_path / "copy_of_a_s1")
-    line = refusal(evaluate(tiny_model_dir, test_dir, tmp_path, runs["a_s1"], copy))
+    line = refusal(evaluate(tiny_model_dir, study_data_dir, tmp_path, runs["a_s1"], copy))
     assert f"{runs['a_s1']} and {copy} hold identical adapter weights" in line
     mislabelled = shutil.copytree(runs["a_s2"], tmp_path / "mislabelled")
     recorded = summary(mislabelled)
     recorded["settings"]["seed"] = 1
     (mislabelled / "training_summary.json").write_text(json.dumps(recorded))
-    line = refusal(evaluate(tiny_model_dir, test_dir, tmp_path, runs["a_s1"], mislabelled))
+    line = refusal(evaluate(tiny_model_dir, study_data_dir, tmp_path, runs["a_s1"], mislabelled))
     assert "a_s1 and mislabelled are both seed 1 of one arm" in line
 
 

@@ -171,6 +171,17 @@ def data_dir(tmp_path_factory) -> Path:
     return write_data_dir(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="module")
+def study_data_dir(tmp_path_factory):
+    """20 unseen test dialogues, the fewest --compare accepts."""
+    from lora_summarization import data
+
+    folder = tmp_path_factory.mktemp("study-data")
+    records = [data.make_record(e["id"], e["dialogue"], e["summary"]) for e in make_examples(20, seed=321)]
+    (folder / data.TEST_FILE).write_text(json.dumps(records), encoding="utf-8")
+    return folder
+
+
 def load_script(name: str):
     """Import a stage script (e.g. train.py) as a module, to call its main() in-process."""
     # A prefixed module name, so evaluate.py cannot shadow an installed package called `evaluate`.

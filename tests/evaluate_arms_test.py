@@ -10,10 +10,8 @@ import pytest
 from conftest import TINY_TRAINING_FLAGS, load_script, run_in_process
 from evaluate_runs_test import read_lines, run
 
-from lora_summarization import data
 from lora_summarization.comparison import two_level_bootstrap
 from lora_summarization.evaluation import paired_bootstrap
-from lora_summarization.synthetic import make_examples
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 ARMS = {"learning_rate=0.01": "a", "learning_rate=0.02": "b"}
@@ -23,15 +21,6 @@ SAMPLES = "200"
 @pytest.fixture(scope="module")
 def evaluate_script():
     return load_script("evaluate.py")
-
-
-@pytest.fixture(scope="module")
-def study_data_dir(tmp_path_factory):
-    """20 unseen test dialogues, the fewest --compare accepts."""
-    folder = tmp_path_factory.mktemp("study-data")
-    records = [data.make_record(e["id"], e["dialogue"], e["summary"]) for e in make_examples(20, seed=321)]
-    (folder / data.TEST_FILE).write_text(json.dumps(records), encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

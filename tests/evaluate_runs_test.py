@@ -184,6 +184,9 @@ def test_compare_refusals(evaluate_script, runs, tmp_path):
     assert "lists" in refusal(evaluate_script, "--compare", good, good)
 
 
+PROMPTED = (("zero_init", "brief"), ("trained", "thorough"))  # two adapters: copies of one would be refused as such
+
+
 def test_adapter_refusals(evaluate_script, tmp_path, tokenizer, tiny_model_dir, test_data_dir, adapters):
     zero = adapters["zero_init"]
     flags = ("--model", tiny_model_dir, "--data-dir", test_data_dir, "--output-dir", tmp_path, "--no-generate")
@@ -199,7 +202,7 @@ def test_adapter_refusals(evaluate_script, tmp_path, tokenizer, tiny_model_dir, 
     message = refusal(evaluate_script, *flags, "--adapter", zero, wrong)
     assert f"the adapter in {wrong} does not fit" in message
 
-    brief, thorough = (shutil.copytree(zero, tmp_path / name) for name in ("brief", "thorough"))
+    brief, thorough = (shutil.copytree(adapters[kind], tmp_path / name) for kind, name in PROMPTED)
     for folder, prompt in ((brief, "Be brief."), (thorough, "Be thorough.")):
         (folder / "training_summary.json").write_text(json.dumps({"settings": {"system_prompt": prompt}}))
     message = refusal(evaluate_script, *flags, "--adapter", brief, thorough)

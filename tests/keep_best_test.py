@@ -106,7 +106,8 @@ def test_evaluate_scores_checkpoints_of_one_run_with_the_settings_they_were_trai
     result = run_in_process("evaluate.py", "--model", tiny_model_dir, "--adapter", *checkpoints, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "evaluation_results.json").read_text())
-    assert sorted(results["models"]) == sorted(["base", *(checkpoint.name for checkpoint in checkpoints)])
+    rows = [f"{output_dir.name}/{checkpoint.name}" for checkpoint in checkpoints]
+    assert sorted(results["models"]) == sorted(["base", *rows])
     assert results["settings"]["max_length"] == 480  # from the checkpoints' resume_settings.json, not the default
-    losses = [results["models"][checkpoint.name]["loss"] for checkpoint in checkpoints]
+    losses = [results["models"][row]["loss"] for row in rows]
     assert losses[0] != losses[1]
