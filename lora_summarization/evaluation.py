@@ -356,14 +356,18 @@ def bootstrap_summary(means: np.ndarray, difference: np.ndarray, weights: np.nda
     """The reported figures of resampled mean differences `means` and the per-example `difference`."""
     low, high = np.percentile(means, [2.5, 97.5])
     not_better = means >= 0 if lower_is_better else means <= 0
-    wins = difference < 0 if lower_is_better else difference > 0
     return {
         "mean": float(np.average(difference, weights=weights)),
         "ci95": [float(low), float(high)],
         "share_not_better": float(not_better.mean()),
-        "win_rate": float(wins.mean()),
-        "tie_rate": float((difference == 0).mean()),
+        **win_and_tie_rates(difference, lower_is_better),
     }
+
+
+def win_and_tie_rates(difference: np.ndarray, lower_is_better: bool) -> dict:
+    """The shares of examples whose per-example `difference` is an improvement, and a tie."""
+    wins = difference < 0 if lower_is_better else difference > 0
+    return {"win_rate": float(wins.mean()), "tie_rate": float((difference == 0).mean())}
 
 
 def compare_models(reference: ModelScores, candidate: ModelScores, samples: int, seed: int) -> dict:

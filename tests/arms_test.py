@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lora_summarization.comparison import group_arms, seed_note, two_level_bootstrap
+from lora_summarization.comparison import group_arms, seed_note, arm_difference
 from lora_summarization.evaluation import paired_bootstrap
 
 
@@ -16,7 +16,7 @@ def test_one_seed_per_arm_is_exactly_the_paired_bootstrap(lower_is_better):
     rng = np.random.default_rng(3)
     candidate, reference, tokens = rng.normal(0.1, 1, 50), rng.normal(0, 1, 50), rng.integers(5, 40, 50)
     expected = paired_bootstrap(candidate, reference, lower_is_better, samples=300, seed=11, weights=tokens)
-    assert two_level_bootstrap(candidate[None], reference[None], lower_is_better, 300, 11, tokens) == expected
+    assert arm_difference(candidate[None], reference[None], lower_is_better, 300, 11, tokens) == expected
 
 
 def simulated_arms(rng, seeds: int, examples: int) -> list[np.ndarray]:
@@ -41,7 +41,7 @@ def test_two_level_interval_of_a_zero_difference_covers_zero_as_its_theory_says_
     two_level = example_only = 0
     for replication in range(replications):
         candidate, reference = simulated_arms(rng, seeds, examples=20)
-        low, high = two_level_bootstrap(candidate, reference, False, samples=200, seed=replication)["ci95"]
+        low, high = arm_difference(candidate, reference, False, samples=200, seed=replication)["ci95"]
         two_level += low <= 0 <= high
         low, high = paired_bootstrap(candidate.mean(0), reference.mean(0), False, 200, replication)["ci95"]
         example_only += low <= 0 <= high
