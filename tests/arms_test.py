@@ -1,13 +1,21 @@
-"""Arms of seeds: grouping adapters by their training settings, and the two-level bootstrap proven by simulation."""
+"""Arms of seeds: grouping adapters by their training settings, and the interval between arms proven by simulation
+in every regime (benchmarks/interval_calibration.py)."""
 
 from __future__ import annotations
 
-import math
+import functools
+import io
+import json
+from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 
-from lora_summarization.comparison import group_arms, seed_note, arm_difference
+from benchmarks import interval_calibration
+from benchmarks.interval_calibration import REGIMES, two_level_bootstrap_calibration, variance_components_calibration
+from lora_summarization.cli import run_stage
+from lora_summarization.comparison import arm_difference, group_arms, seed_note
 from lora_summarization.evaluation import paired_bootstrap
 
 
@@ -19,37 +27,69 @@ def test_one_seed_per_arm_is_exactly_the_paired_bootstrap(lower_is_better):
     assert arm_difference(candidate[None], reference[None], lower_is_better, 300, 11, tokens) == expected
 
 
-def simulated_arms(rng, seeds: int, examples: int) -> list[np.ndarray]:
-    """Two arms with no true difference: a shared example effect (sd 2), a seed effect (sd 1) per arm and seed,
-    and noise (sd 1) per seed and example."""
-    example_effect = rng.normal(0, 2, examples)
-    return [rng.normal(0, 1, (seeds, 1)) + example_effect + rng.normal(0, 1, (seeds, examples)) for _ in range(2)]
+CALIBRATION_SEED = 0
+REPLICATIONS = 2000  # per regime: three Monte Carlo standard errors of a 95% coverage are 0.0146
+# Known limit: with 3 v 8 seeds and a seed part about as large as its own noise, the few-seed arm's seed variance
+# (2 degrees of freedom) decides the width, and Satterthwaite's df is optimistic there: 93.3-93.7% coverage in
+# 20,000 replications. The interaction-dominated 5 v 5 runs at 96.1-96.4%, inside the band but near its edge.
+KNOWN_MISCOVERAGE = {"unequal seeds, 3 v 8"}
 
 
-def t_coverage(degrees: int, z: float = 1.959964) -> float:
-    """P(|T| < z) for Student's t, by Simpson's rule on its density."""
-    x = np.linspace(0, z, 2001)
-    scale = math.exp(math.lgamma((degrees + 1) / 2) - math.lgamma(degrees / 2)) / math.sqrt(degrees * math.pi)
-    density = scale * (1 + x**2 / degrees) ** (-(degrees + 1) / 2)
-    step = x[1] - x[0]
-    return 2 * step / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum())
+@functools.cache
+def calibrated(name: str) -> dict:
+    return variance_components_calibration(REGIMES[name], REPLICATIONS, examples=150, seed=CALIBRATION_SEED)
 
 
-def test_two_level_interval_of_a_zero_difference_covers_zero_as_its_theory_says_and_example_only_does_not():
-    seeds, replications = 5, 2000
-    rng = np.random.default_rng(0)
-    two_level = example_only = 0
-    for replication in range(replications):
-        candidate, reference = simulated_arms(rng, seeds, examples=20)
-        low, high = arm_difference(candidate, reference, False, samples=200, seed=replication)["ci95"]
-        two_level += low <= 0 <= high
-        low, high = paired_bootstrap(candidate.mean(0), reference.mean(0), False, 200, replication)["ci95"]
-        example_only += low <= 0 <= high
-    # The seed spread is known from 2 x (5 - 1) = 8 degrees of freedom, so a 1.96-wide interval covers like a t(8)
-    # one: 91.4%, not 95%. Tolerance 0.02, three Monte Carlo standard errors at 2,000 replications; without the
-    # sqrt(k/(k-1)) widening the coverage is ~88.9% and fails.
-    assert two_level / replications == pytest.approx(t_coverage(2 * (seeds - 1)), abs=0.02)
-    assert example_only / replications < 0.5  # ~31%: test dialogues alone say nothing of seed noise
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="see KNOWN_MISCOVERAGE"))
+        if name in KNOWN_MISCOVERAGE
+        else name
+        for name in REGIMES
+    ],
+)
+def test_the_interval_covers_the_true_difference_95_percent_of_the_time_in_every_regime(name):
+    result = calibrated(name)
+    assert result["coverage"] == pytest.approx(0.95, abs=3 * result["coverage_mc_se"])
+
+
+@pytest.mark.parametrize("name", REGIMES)
+def test_the_interval_is_as_wide_as_the_true_standard_error_makes_it_in_every_regime(name):
+    assert calibrated(name)["width_ratio"] == pytest.approx(1, abs=0.15)
+
+
+def test_the_two_level_bootstrap_is_too_wide_where_the_interaction_dominates():
+    """The simulation can tell a miscalibrated interval: the scheme the variance components replaced fails it."""
+    regime = REGIMES["interaction-dominated, 5 v 5"]
+    result = two_level_bootstrap_calibration(regime, 300, examples=150, samples=200, seed=CALIBRATION_SEED)
+    assert result["width_ratio"] > 1.15 and result["coverage"] > 0.95 + 3 * result["coverage_mc_se"]
+
+
+def test_the_calibration_benchmark_prints_both_schemes_for_every_regime():
+    out = io.StringIO()
+    flags = ["--replications", "50", "--bootstrap-replications", "3", "--samples", "20", "--examples", "30"]
+    with redirect_stdout(out):
+        assert run_stage(interval_calibration.main, interval_calibration.CalibrationConfig, flags) == 0
+    report = json.loads(out.getvalue())
+    for scheme in ("variance_components", "two_level_bootstrap"):
+        assert list(report[scheme]) == list(REGIMES)
+        assert all(0 <= result["coverage"] <= 1 and result["width_ratio"] > 0 for result in report[scheme].values())
+
+
+@pytest.mark.parametrize("lower_is_better", [False, True])
+def test_arms_of_several_seeds_get_a_t_interval_and_the_share_of_seed_pairs_better(lower_is_better):
+    rng = np.random.default_rng(4)
+    shift = -0.5 if lower_is_better else 0.5
+    candidate, reference = rng.normal(shift, 1, (3, 60)), rng.normal(0, 1, (4, 60))
+    result = arm_difference(candidate, reference, lower_is_better, 100, 0, rng.integers(5, 40, 60))
+    low, high = result["ci95"]
+    assert low < result["mean"] < high and result["se"] > 0 and result["df"] >= 1
+    half_width = student_t.ppf(0.975, result["df"]) * result["se"]
+    assert high - result["mean"] == pytest.approx(half_width) == pytest.approx(result["mean"] - low)
+    gain = -result["mean"] if lower_is_better else result["mean"]
+    assert result["share_not_better"] == pytest.approx(student_t.cdf(-gain / result["se"], result["df"]))
+    assert 0 <= result["seed_pairs_better"] <= 1 and set(result) >= {"win_rate", "tie_rate"}
 
 
 def test_adapters_equal_but_for_the_seed_form_an_arm_named_by_what_tells_arms_apart():
