@@ -52,6 +52,7 @@ REGIMES = {
     "per-dialogue effects of either sign, 5 v 5": Regime((5, 5), 0.5, 2.0, effect_sd=5.0, difference=0.5),
     "heavy-tailed examples, 5 v 5": Regime((5, 5), 0.5, 5.0, heavy_tailed=True),
     "unequal seeds, 3 v 8": Regime((3, 8), 0.5, 5.0),
+    "unequal seeds, seed-dominated, 3 v 8": Regime((3, 8), 1.0, 1.0),
     "arm against the base, 5 v 1": Regime((5, 1), 0.5, 5.0, difference=1.0, base=True),
     "token-weighted, 5 v 5": Regime((5, 5), 0.5, 5.0, token_weighted=True),
 }

@@ -169,8 +169,6 @@ def recorded_settings(predictions_file: Path) -> dict:
 
 # Settings that say where or how a run was launched, not what it trained: seeds of one arm may differ in them.
 NOT_ARM_SETTINGS = ("seed", "output_dir", "resume", "resume_anyway", "overwrite_output_dir", "report_to", "debug")
-FEW_SEEDS = 3  # below this an arm's interval cannot hold seed variance
-ENOUGH_SEEDS = 5  # from this on the seed part of an interval is no longer clearly optimistic
 
 
 def group_arms(settings: dict[str, dict | None]) -> dict[str, list[str]]:
@@ -271,6 +269,7 @@ def difference_variance(candidate: np.ndarray, reference: np.ndarray, weights: n
     unbiased estimates of those squares, t_j^2 / (f_j + 2), and of Var(D)^2, V^2 - 2 sum_j t_j^2 / (f_j + 2):
     nu = V^2 / sum_j t_j^2 / (f_j + 2) - 2, exact for a single part. The plug-in t_j^2 / f_j makes nu too small
     with few seeds (3 v 3 seeds covered 96.6%, not 95%). Where the seed part was cut at 0 it adds no terms.
+    benchmarks/interval_calibration.py measures the coverage and width in each regime; tests/arms_test.py checks it.
     """
     examples = candidate.shape[-1]
     scale = examples * weights / weights.sum()
@@ -278,11 +277,12 @@ def difference_variance(candidate: np.ndarray, reference: np.ndarray, weights: n
     difference = seed_means[0].mean(axis=-1) - seed_means[1].mean(axis=-1)
     paired = scale * (candidate.mean(axis=-2) - reference.mean(axis=-2) - difference[..., None])
     example_part = (paired**2).sum(axis=-1) / ((examples - 1) * examples)
-    parts = [seed_part(arm, means, scale) for arm, means in zip((candidate, reference), seed_means) if arm.shape[-2] > 1]
+    arms = zip((candidate, reference), seed_means, strict=True)
+    parts = [seed_part(arm, means, scale) for arm, means in arms if arm.shape[-2] > 1]
     seed_variance = sum((part for part, _ in parts), np.zeros_like(difference))
-    squares = sum((squared for _, squared in parts), np.zeros_like(difference))
+    seed_squares = sum((squared for _, squared in parts), np.zeros_like(difference))
     variance = example_part + np.maximum(seed_variance, 0)
-    squares = example_part**2 / (examples + 1) + np.where(seed_variance > 0, squares, 0)
+    squares = example_part**2 / (examples + 1) + np.where(seed_variance > 0, seed_squares, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         degrees = np.where(squares > 0, variance**2 / squares - 2, np.inf)
     return difference, variance, np.maximum(degrees, 1)
@@ -359,20 +359,26 @@ def arm_values(summaries: dict[str, dict], rows: list[str]) -> dict[str, list[fl
     return {metric: [summaries[row][metric] for row in rows] for metric in COMPARED if metric in summaries[rows[0]]}
 
 
+ENOUGH_SEEDS = 5  # two arms of 5 seeds give ~8 degrees of freedom: a t quantile within ~20% of the normal one
+
+
 def seed_note(arms: dict[str, list[str]]) -> str:
-    """Which arms' intervals leave out seed variance (under FEW_SEEDS seeds) or understate it (under ENOUGH_SEEDS)."""
+    """What the intervals hold of seed variance, as benchmarks/interval_calibration.py shows it: nothing for an arm
+    of one seed (exact for the base model, too narrow for a trained arm whose seeds matter); with 2 or more seeds
+    the width is honest, but few seeds give the t few degrees of freedom, so the intervals are wide."""
     counts = {name: len(rows) for name, rows in arms.items() if name != BASE}
-    few = [f"{name} ({n})" for name, n in counts.items() if n < FEW_SEEDS]
-    some = [f"{name} ({n})" for name, n in counts.items() if FEW_SEEDS <= n < ENOUGH_SEEDS]
+    single = [f"{name} (1)" for name, n in counts.items() if n == 1]
+    few = [f"{name} ({n})" for name, n in counts.items() if 1 < n < ENOUGH_SEEDS]
     parts = []
+    if single:
+        parts.append(
+            "the intervals leave out the seed variance of arms with one seed (train more seeds to include it): "
+            + ", ".join(single)
+        )
     if few:
         parts.append(
-            f"the intervals cannot include seed variance for arms with under {FEW_SEEDS} seeds: {', '.join(few)}"
-        )
-    if some:
-        parts.append(
-            f"the intervals are optimistic for arms with {FEW_SEEDS}-{ENOUGH_SEEDS - 1} seeds (a bootstrap over few "
-            f"seeds underestimates their spread): {', '.join(some)}"
+            f"the intervals of arms with 2-{ENOUGH_SEEDS - 1} seeds estimate their seed variance from few degrees of "
+            f"freedom (the df column), so they are honest but wide: {', '.join(few)}"
         )
     return "; ".join(parts)
 
