@@ -501,19 +501,19 @@ def chart_figure(summaries: dict[str, dict], comparisons: list[dict], arms: dict
     """One panel per compared metric. Each arm (each model where there are no arms) is a column: a dot per seed
     (row), a line at the arm's mean and, for arms compared with the reference, the 95% interval of that difference
     drawn around the arm's mean. The reference is comparison_plan's: the first arm after the base where there are
-    several, else the base. `arms` is the study's arms of several rows (their `models`); other arms are rows."""
+    several, else the base."""
     names = list(dict.fromkeys(name for c in comparisons for name in (c["against"], c["model"]))) or list(summaries)
-    rows = {name: (arms or {}).get(name, {}).get("models", [name]) for name in names}
+    seeds = seed_summaries(names, summaries, comparisons, arms or {})
     reference = comparisons[-1]["against"] if comparisons else names[0]  # see comparison_plan
     against = {c["model"]: c["difference"] for c in comparisons if c["against"] == reference}
-    metrics = [name for name in METRIC_NAMES if name in COMPARED and name in summaries[rows[names[0]][0]]]
+    metrics = [name for name in METRIC_NAMES if name in COMPARED and name in seeds[names[0]][0]]
     figure = Figure(figsize=(max(4.5, (1.2 + 0.6 * len(names)) * len(metrics)), 3.8), layout="constrained")
     panels = figure.subplots(1, len(metrics), squeeze=False)[0]
     for axes, metric in zip(panels, metrics, strict=True):
         scale, _ = scale_and_digits(metric)
         for position, name in enumerate(names):
             colour = CHART_COLOURS[position % len(CHART_COLOURS)]
-            values = [scale * summaries[row][metric] for row in rows[name]]
+            values = [scale * seed[metric] for seed in seeds[name]]
             axes.scatter([position - 0.1] * len(values), values, s=14, color=colour, alpha=0.7, zorder=2)
             mean = float(np.mean(values))
             axes.plot([position - 0.25, position + 0.25], [mean, mean], color=colour, linewidth=2.5, zorder=3)
@@ -531,6 +531,24 @@ def chart_figure(summaries: dict[str, dict], comparisons: list[dict], arms: dict
         f"Dots: seeds; lines: means; whiskers: 95% interval of the difference from {reference}", fontsize=10
     )
     return figure
+
+
+def seed_summaries(names: list[str], summaries: dict, comparisons: list[dict], arms: dict) -> dict[str, list[dict]]:
+    """Each arm's seeds' summaries: the rows `arms` lists for an arm of several (the study's `arms`), or the row of
+    the arm's name. An arm of one row named by its settings is in neither: its value is the mean of the arm it was
+    compared with (the base) plus the difference."""
+    seeds = {}
+    for name in names:
+        if name in arms:
+            seeds[name] = [summaries[row] for row in arms[name]["models"]]
+        elif name in summaries:
+            seeds[name] = [summaries[name]]
+        else:
+            compared = next(c for c in comparisons if c["model"] == name and c["against"] in seeds)
+            other = seeds[compared["against"]]
+            means = {metric: np.mean([seed[metric] for seed in other]) for metric in compared["difference"]}
+            seeds[name] = [{metric: means[metric] + value["mean"] for metric, value in compared["difference"].items()}]
+    return seeds
 
 
 CHART_COLOURS = ["#9e9e9e", "#3b75af", "#e1812c", "#3a923a", "#c03d3e", "#9372b2", "#845b53"]

@@ -129,19 +129,31 @@ def test_seed_note_names_arms_without_seed_variance_and_those_whose_few_seeds_ma
 
 def test_a_studys_chart_shows_every_seed_each_arms_mean_and_the_interval_against_the_reference_arm():
     metrics = ("loss", "rouge1")
-    rows = {"base": 0.0, "a1": 1.0, "a2": 1.1, "a3": 0.9, "b1": 2.0, "b2": 2.2}
+    rows = {"base": 0.0, "a1": 1.0, "a2": 1.1, "a3": 0.9, "b1": 2.0, "b2": 2.2, "c1": 3.0}
     summaries = {row: {metric: value for metric in metrics} for row, value in rows.items()}
-    arms = {"lr=1": {"models": ["a1", "a2", "a3"]}, "lr=2": {"models": ["b1", "b2"]}}
-    difference = {metric: {"mean": 1.0, "ci95": [0.5, 1.5]} for metric in metrics}
-    plan = [("lr=1", "base"), ("lr=2", "base"), ("lr=2", "lr=1")]
-    comparisons = [{"model": model, "against": against, "difference": difference} for model, against in plan]
+    arms = {"lr=1": {"models": ["a1", "a2", "a3"]}, "lr=2": {"models": ["b1", "b2"]}}  # lr=3 is c1 alone
+
+    def difference(mean):
+        return {metric: {"mean": mean, "ci95": [mean - 0.5, mean + 0.5]} for metric in metrics}
+
+    plan = [
+        ("lr=1", "base", 1.0),
+        ("lr=2", "base", 2.1),
+        ("lr=3", "base", 3.0),
+        ("lr=2", "lr=1", 1.1),
+        ("lr=3", "lr=1", 2),
+    ]
+    comparisons = [
+        {"model": model, "against": against, "difference": difference(mean)} for model, against, mean in plan
+    ]
     figure = chart_figure(summaries, comparisons, arms)
     assert len(figure.axes) == len(metrics)
     for axes, scale in zip(figure.axes, (1, 100), strict=True):  # losses as they are, ROUGE x 100
         dots = [y for c in axes.collections if isinstance(c, PathCollection) for _, y in c.get_offsets()]
-        assert sorted(dots) == pytest.approx(sorted(scale * value for value in rows.values()))
-        assert [label.get_text() for label in axes.get_xticklabels()] == ["base", "lr=1\n(reference)", "lr=2"]
-        means = [line.get_ydata()[0] for line in axes.lines if len(line.get_xdata()) == 2]  # not the caps
-        assert means == pytest.approx([0, scale * 1.0, scale * 2.1])
-        assert sum(isinstance(c, LineCollection) for c in axes.collections) == 1  # only lr=2 against lr=1 has one
+        assert sorted(dots) == pytest.approx(sorted(scale * value for value in rows.values()))  # one per seed
+        labels = [label.get_text() for label in axes.get_xticklabels()]
+        assert labels == ["base", "lr=1\n(reference)", "lr=2", "lr=3"]
+        means = [line.get_ydata()[0] for line in axes.lines if len(line.get_xdata()) == 2]  # not the whiskers' caps
+        assert means == pytest.approx([0, scale * 1.0, scale * 2.1, scale * 3.0])
+        assert sum(isinstance(c, LineCollection) for c in axes.collections) == 2  # lr=2 and lr=3 against lr=1
     assert chart_png(summaries, comparisons, arms).startswith(b"\x89PNG")
