@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -25,16 +26,41 @@ class RunFailed(Exception):
     """The run could not finish (e.g. a full disk): the stage exits with code 1 and this one-line message."""
 
 
+CONFIG_FLAG = "--config"
+
+
 def parse_config(config_class, argv: list[str] | None = None):
     """Fill `config_class` from the command line; every field is a `--flag` (dashes or underscores).
 
-    Unknown flags are rejected with exit code 2 (argparse's own usage error).
+    `--config FILE` (YAML or JSON: a mapping of field names to values) sets the fields first; flags given on the
+    command line win. Unknown flags or fields are rejected with exit code 2 (argparse's own usage error).
     """
     parser = HfArgumentParser(config_class)
-    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    parser.add_argument(CONFIG_FLAG, metavar="FILE", help="YAML or JSON file of these fields; command-line flags win")
+    argv = sys.argv[1:] if argv is None else argv
+    config_file = parser.parse_known_args(argv)[0].config
+    if config_file:
+        parser.set_defaults(**config_file_values(parser, config_class, config_file))
+    config, namespace, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return config
+
+
+def config_file_values(parser, config_class, path: str) -> dict:
+    """A --config file's fields, as defaults of `parser`; scalars as text, so argparse parses each with its
+    field's type exactly as it would the flag's value."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # JSON is YAML
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"{CONFIG_FLAG} {path} cannot be read: {error}".splitlines()[0])
+    if not isinstance(values, dict):
+        parser.error(f"{CONFIG_FLAG} {path} must hold a mapping of field names to values")
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(str(name) for name in values if name not in fields)
+    if unknown:
+        parser.error(f"{CONFIG_FLAG} {path} has unknown fields: {', '.join(unknown)}")
+    return {name: value if value is None or isinstance(value, list) else str(value) for name, value in values.items()}
 
 
 def run_stage(main: Callable, config_class, argv: list[str] | None = None) -> int:
