@@ -75,10 +75,13 @@ def missing_requirement() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Ports free now, all different: each socket stays bound until all are picked."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def available_memory_mb() -> int:
@@ -90,11 +93,12 @@ def available_memory_mb() -> int:
 
 def slurm_conf(root: Path, munge_socket: Path) -> str:
     host = socket.gethostname().split(".")[0]
+    slurmctld_port, slurmd_port = free_ports(2)
     return f"""\
 ClusterName=test{os.getpid()}
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={slurmctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

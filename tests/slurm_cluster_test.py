@@ -5,10 +5,11 @@ slurm_cluster.py's docstring sums up what these tests found.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from slurm_cluster import poll
+from slurm_cluster import missing_requirement, poll, running_cluster
 
 ARRAY_SCRIPT = """\
 #!/bin/bash
@@ -141,3 +142,23 @@ def test_a_task_requeues_itself_on_the_time_limit_signal(slurm_cluster, tmp_path
         wait_for_events(tmp_path, 1, "start 1")
     finally:
         slurm_cluster.cancel(array)
+
+
+def test_a_stopped_cluster_leaves_no_process_and_no_folder(slurm_cluster, tmp_path):
+    """A second cluster beside the fixture's: it starts on other ports, and stopping it ends even a running job."""
+    with running_cluster() as cluster:
+        job = cluster.sbatch("--chdir", str(tmp_path), "-o", "/dev/null", "--wrap", "echo $$ > job.pid; sleep 60")
+        poll(lambda: (tmp_path / "job.pid").exists(), 30, lambda: str(cluster.jobs(job)))
+        pid_files = [tmp_path / "job.pid", *cluster.root.glob("*.pid")]
+        pids = [int(path.read_text()) for path in pid_files]
+        assert len(pids) == 4  # the job, munged, slurmctld and slurmd
+    assert not cluster.root.exists()
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_the_cluster_needs_root_and_the_slurm_commands(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert all(name in missing_requirement() for name in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in missing_requirement()
