@@ -22,9 +22,10 @@ What slurm_cluster_test.py shows (SLURM 22.05, proctrack/linuxproc):
   and for the rerun of a requeued one.
 - `scontrol requeue A_T` on a running task (it must be requeueable: JobRequeue=1 or --requeue; with --no-requeue
   "Requested operation is presently disabled") sends SIGTERM at once to every process of the task, the batch
-  shell and its children, and SIGKILL after KillWait (30 s). The task goes COMPLETING, then PENDING (not
-  REQUEUE_HOLD: that is `scontrol requeuehold`) with Reason=BeginTime, BeginTime = requeue + 121 s (cred_expire
-  + 1) and Restarts=1; the rerun sees SLURM_RESTART_COUNT=1 (unset in a first run).
+  shell and its children, and SIGKILL after KillWait (30 s); the children may outlive the shell until then (a
+  child that took 2 s to checkpoint after SIGTERM finished, with no trap in the shell). The task goes COMPLETING,
+  then PENDING (not REQUEUE_HOLD: that is `scontrol requeuehold`) with Reason=BeginTime, BeginTime = requeue
+  + 121 s (cred_expire + 1) and Restarts=1; the rerun sees SLURM_RESTART_COUNT=1 (unset in a first run).
 - `scontrol update jobid=A_T StartTime=now` starts it at once, but not in the second of the requeue: slurmd then
   refuses the launch ("Job credential revoked") and the task ends FAILED. `release` waits for the next second.
 - `scancel --signal=S --batch A_T` signals the batch shell only; `--full` the shell and all its children; without
