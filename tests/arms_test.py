@@ -33,9 +33,10 @@ CALIBRATION_SEED = 0
 REPLICATIONS = 2000  # per regime: three Monte Carlo standard errors of a 95% coverage are 0.0146
 # Known limit: with 3 v 8 seeds the 3-seed arm's seed variance (2 degrees of freedom) decides the width, and where
 # it happens to come out small Satterthwaite's df comes out large: 93.3% coverage in 20,000 replications (the
-# Welch test's known optimism with unequal groups). The interaction-dominated 5 v 5 covers 96.1-96.5% in 20,000
-# (the seed part cut at 0 errs upwards): at the band's upper edge, inside it at this seed.
-KNOWN_MISCOVERAGE = {"unequal seeds, 3 v 8", "unequal seeds, seed-dominated, 3 v 8"}
+# Welch test's known optimism with unequal groups; plain Satterthwaite gives 94.0% there but 96.4% for 3 v 3). There
+# the coverage is held to at least 92.5%, so that a worse miscoverage still fails. The interaction-dominated 5 v 5
+# covers 96.1-96.5% in 20,000 (the seed part cut at 0 errs upwards): at the band's upper edge, inside it at this seed.
+KNOWN_UNDERCOVERAGE = {"unequal seeds, 3 v 8": 0.925, "unequal seeds, seed-dominated, 3 v 8": 0.925}
 
 
 @functools.cache
@@ -43,18 +44,12 @@ def calibrated(name: str) -> dict:
     return variance_components_calibration(REGIMES[name], REPLICATIONS, examples=150, seed=CALIBRATION_SEED)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="see KNOWN_MISCOVERAGE"))
-        if name in KNOWN_MISCOVERAGE
-        else name
-        for name in REGIMES
-    ],
-)
+@pytest.mark.parametrize("name", REGIMES)
 def test_the_interval_covers_the_true_difference_95_percent_of_the_time_in_every_regime(name):
     result = calibrated(name)
-    assert result["coverage"] == pytest.approx(0.95, abs=3 * result["coverage_mc_se"])
+    band = 3 * result["coverage_mc_se"]
+    low = KNOWN_UNDERCOVERAGE.get(name, 0.95 - band)
+    assert low <= result["coverage"] <= 0.95 + band
 
 
 @pytest.mark.parametrize("name", REGIMES)
