@@ -120,6 +120,15 @@ def shown(value) -> str:
     return "not set" if value is None else str(value)
 
 
+# The Trainer reloads optimizer.pt and scheduler.pt on resume: their parameter groups' learning rates and weight
+# decay, and the scheduler's base rates, replace whatever these flags say.
+RESTORED_BY_THE_OPTIMIZER = ("--learning-rate", "--weight-decay", "--loraplus-lr-ratio")
+
+
+def changed(recorded: dict, current: dict, key: str) -> bool:
+    return key in current["settings"] and recorded["settings"].get(key) != current["settings"][key]
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
     changes = []
     for key, now in current["settings"].items():
@@ -143,6 +152,11 @@ def check_resume(checkpoint: str | Path, current: dict, anyway: bool) -> list[st
         raise UsageError(
             f"--resume: the checkpoint was made with other settings: {'; '.join(changes)}; "
             "pass --resume-anyway to continue regardless"
+        )
+    if undone := [name for name in RESTORED_BY_THE_OPTIMIZER if recorded and changed(recorded, current, name)]:
+        raise UsageError(
+            f"--resume-anyway cannot change {', '.join(undone)}: the checkpoint's optimizer and scheduler state "
+            "restore it; train with it from the start instead (--overwrite-output-dir, or another --output-dir)"
         )
     if changes:
         print(f"warning: --resume-anyway: continuing although {'; '.join(changes)}", file=sys.stderr)

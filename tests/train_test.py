@@ -295,9 +295,8 @@ def test_unreachable_hub_exits_2_with_one_line(data_dir, tmp_path):
 @pytest.mark.parametrize(
     "flags, messages",
     [
-        (("--resume",), ["no checkpoint"]),
         (("--report-to", "tensorboard,nonexistent"), ["--report-to nonexistent is unknown"]),
-        (("--report-to", "wandb"), ["--report-to wandb needs its package installed"]),
+        (("--report-to", "comet_ml"), ["--report-to comet_ml needs its package installed"]),
         (
             ("--grad-accum", "0", "--precision", "fp8"),
             ["--grad-accum must be at least 1", "--precision must be one of"],
@@ -436,11 +435,29 @@ def test_resume_allows_other_intervals_and_resume_anyway_records_what_it_overrod
     assert summary["optimizer_steps"] == 4 and summary["resume_overrides"] == []
 
     shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")  # at the last step it would only be saved again
-    code, _, err = run_train([*argv, "--learning-rate", "2e-2", "--resume-anyway"], capsys)
+    code, _, err = run_train([*argv, "--lora-dropout", "0.1", "--resume-anyway"], capsys)
     assert code == 0, err
-    assert "warning: --resume-anyway: continuing although --learning-rate: checkpoint 0.01, now 0.02" in err
+    assert "warning: --resume-anyway: continuing although --lora-dropout: checkpoint 0.05, now 0.1" in err
     summary = json.loads((output_dir / "training_summary.json").read_text())
-    assert summary["resume_overrides"] == ["--learning-rate: checkpoint 0.01, now 0.02"]
+    assert summary["resume_overrides"] == ["--lora-dropout: checkpoint 0.05, now 0.1"]
+
+
+@pytest.mark.parametrize(
+    "changed", [("--learning-rate", "2e-2"), ("--weight-decay", "0.1"), ("--loraplus-lr-ratio", "4")]
+)
+def test_resume_anyway_refuses_what_the_checkpoints_optimizer_state_would_silently_undo(
+    checkpointed_run, tiny_model_dir, tmp_path, capsys, changed
+):
+    """The optimizer's and scheduler's saved state restores the learning rates and weight decay on resume, so a
+    new value would be recorded as trained but never used."""
+    data_copy, output_dir, schedule = copy_of(checkpointed_run, tmp_path)
+    argv = train_args(tiny_model_dir, data_copy, output_dir, *schedule, *changed, "--resume", "--resume-anyway")
+    code, _, err = run_train(argv, capsys)
+    assert code == 2
+    assert only_error_line(err) == (
+        f"error: --resume-anyway cannot change {changed[0]}: the checkpoint's optimizer and scheduler state restore "
+        f"it; train with it from the start instead (--overwrite-output-dir, or another --output-dir)"
+    )
 
 
 def only_error_line(stderr: str) -> str:
