@@ -44,7 +44,14 @@ from lora_summarization import data, modeling, resume_guard, run_folder
 from lora_summarization.cli import UsageError, config_as_dict, run_stage, write_atomic, write_json
 from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
-from lora_summarization.logging_integrations import integrations, report_to_problems
+from lora_summarization.arms import arm_identity
+from lora_summarization.logging_integrations import (
+    arm_group,
+    integrations,
+    report_to_problems,
+    tracker_environment,
+    tracker_run,
+)
 from lora_summarization.model_card import write_model_card
 from lora_summarization.run_lock import is_main_process, main_process_decides, output_dir_lock
 from lora_summarization.run_summary import (
@@ -269,9 +276,10 @@ def print_plan(plan: dict) -> None:
     print(f"precision: {plan['precision']}, device: {plan['device']}, processes: {plan['processes']}")
 
 
-def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: int) -> TrainingArguments:
+def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: int, run_name: str) -> TrainingArguments:
     return core_training_arguments(
         output_dir=str(checkpoint_dir),
+        run_name=run_name,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -424,9 +432,11 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
             )
         return 0
     trained = trained_record(config, settings, plan, checkpoint, overrides)
-    trainer, guard = make_trainer(config, model, tokenizer, train, validation, trained, world_size)
+    tracker = main_process_decides(lambda: tracker_run(config.output_dir, tracker_group(config, trained), config.seed))
+    trainer, guard = make_trainer(config, model, tokenizer, train, validation, trained, tracker, world_size)
     started = time.perf_counter()
-    train_until_done_or_stopped(config, trainer, guard, checkpoint, plan["optimizer_steps"])
+    with tracker_environment(tracker):
+        train_until_done_or_stopped(config, trainer, guard, checkpoint, plan["optimizer_steps"])
     exit_code = early_stop_exit_code(trainer, guard, world_size, checkpoints_folder(config))
     if exit_code is None:
         this_run = run_facts(trainer, started, checkpoint, overrides)
@@ -436,9 +446,13 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     return exit_code or 0
 
 
-def make_trainer(config: TrainConfig, model, tokenizer, train, validation, trained: dict, world_size: int):
+def tracker_group(config: TrainConfig, trained: dict) -> str:
+    return arm_group(arm_identity(config_as_dict(config), trained))
+
+
+def make_trainer(config: TrainConfig, model, tokenizer, train, validation, trained: dict, tracker: dict, world_size):
     modeling.resolve_device()
-    args = training_arguments(config, checkpoints_folder(config), world_size)
+    args = training_arguments(config, checkpoints_folder(config), world_size, tracker["name"])
     tensorboard = "tensorboard" in integrations(config.report_to)
     trainer, guard = build_trainer(
         model, tokenizer, train, validation, args, Path(config.output_dir), tensorboard, config.loraplus_lr_ratio
