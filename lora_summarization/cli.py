@@ -28,10 +28,14 @@ class RunFailed(Exception):
 def parse_config(config_class, argv: list[str] | None = None):
     """Fill `config_class` from the command line; every field is a `--flag` (dashes or underscores).
 
-    Unknown flags are rejected with exit code 2 (argparse's own usage error).
+    Unknown flags are rejected with exit code 2 (argparse's own usage error). A config class naming one of its
+    list fields in `POSITIONAL` takes the words that are not flags there (study.py's FIELD=V1,V2 settings).
     """
     parser = HfArgumentParser(config_class)
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if positional := getattr(config_class, "POSITIONAL", None):
+        setattr(config, positional, [*getattr(config, positional), *(arg for arg in unknown if arg[:1] != "-")])
+        unknown = [arg for arg in unknown if arg[:1] == "-"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return config
