@@ -4,7 +4,7 @@
     python study.py learning_rate=5e-5,1e-4 seed=42,43,44,45,46 precision=bf16 --output-dir studies/lr \\
         --launcher slurm --partition gpu --time 04:00:00
     python study.py --output-dir studies/lr --status
-    python study.py --config study.yaml --output-dir studies/lr     # the settings as a mapping: field: value or list
+    python study.py --config study.yaml      # train.py settings as field: value or list, and study.py's flags
 
 Any train.py setting is FIELD=V1,V2,... (dashes or underscores; put them before the flags); `seed=` lists the seeds
 (default 42,43,44). A setting with several values is a dimension of the grid and the arms are their product; one with
@@ -51,9 +51,6 @@ class StudyConfig:
         metadata={"help": "FIELD=V1,V2,... for any train.py setting (positional); seed=42,43,44 lists the seeds"},
     )
     output_dir: str = field(default="study", metadata={"help": "the study folder; rerun with it to continue"})
-    config: str | None = field(
-        default=None, metadata={"help": "YAML or JSON mapping of train.py settings to a value or a list of values"}
-    )
     launcher: str = field(default="local", metadata={"help": "local (this machine's GPUs, or its CPU) or slurm"})
     gpus_per_run: int = field(
         default=1, metadata={"help": "GPUs of each run (torchrun when more than 1); 0: the CPU (no --gres)"}
@@ -83,7 +80,7 @@ def main(config: StudyConfig) -> int:
     check_flags(config)
     study = open_study(
         Path(config.output_dir).resolve(),
-        requested_values(config.settings, config.config),
+        requested_values(config.settings),
         launcher_options(config),
         {"max_examples": config.max_examples, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size},
     )

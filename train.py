@@ -3,7 +3,8 @@
     python train.py                                  # the published recipe, on one GPU
     python train.py --precision bf16 --batch-size 8 --grad-accum 1
     python train.py --dry-run                        # print the plan; works without model weights
-    python train.py --resume                         # continue from the latest checkpoint
+    python train.py --resume                         # continue from the latest checkpoint (none yet: start)
+    python train.py --config run/train_config.yaml --output-dir again   # rerun a run with its resolved settings
     python train.py --overwrite-output-dir           # start afresh, deleting the previous run's outputs
     python train.py --use-dora                       # a LoRA variant: --use-rslora, --loraplus-lr-ratio 16, ...
     python train.py --keep-best                      # the adapter is the best validation checkpoint, not the last
@@ -12,8 +13,9 @@
 
 Edit the defaults in TrainConfig below, or override any field on the command line (--learning-rate 1e-4).
 Writes fine_tuned_model/: the adapter (PEFT safetensors), tokenizer, a model card (README.md),
-training_summary.json, train_log.jsonl, loss_curve.png, TensorBoard runs/ and checkpoints/. One run at a time
-per folder (a lock file), and a folder holding a previous run needs --resume or --overwrite-output-dir.
+training_summary.json, train_config.yaml (the resolved settings), train_log.jsonl, loss_curve.png, TensorBoard
+runs/ and checkpoints/. One run at a time per folder (a lock file), and a folder holding a previous run needs
+--resume or --overwrite-output-dir; --resume alone is a command a requeued job can always repeat.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
 from lora_summarization import data, modeling, resume_guard, run_folder
-from lora_summarization.cli import UsageError, config_as_dict, run_stage, write_json
+from lora_summarization.cli import UsageError, config_as_dict, run_stage, write_atomic, write_json
 from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
 from lora_summarization.logging_integrations import integrations, report_to_problems
@@ -108,7 +111,10 @@ class TrainConfig:
         default="tensorboard",
         metadata={"help": "comma-separated logging integrations (tensorboard, wandb, mlflow, ...), or none"},
     )
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output-dir"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue from the latest checkpoint in output-dir; with none yet, start afresh"},
+    )
     resume_anyway: bool = field(
         default=False, metadata={"help": "with --resume: continue even if settings or data changed"}
     )
@@ -292,6 +298,17 @@ def prepare_output_dir(config: TrainConfig) -> str | None:
     )
 
 
+CONFIG_FILE = "train_config.yaml"
+LAUNCH_FIELDS = ("resume", "resume_anyway", "overwrite_output_dir", "dry_run")  # how to start, not what to train
+
+
+def write_config_file(config: TrainConfig) -> None:
+    """The resolved settings as a --config file: `python train.py --config <output-dir>/train_config.yaml
+    --output-dir again` reruns this run."""
+    settings = {key: value for key, value in config_as_dict(config).items() if key not in LAUNCH_FIELDS}
+    write_atomic(Path(config.output_dir) / CONFIG_FILE, yaml.safe_dump(settings, sort_keys=False))
+
+
 def checkpoints_folder(config: TrainConfig) -> Path:
     return run_folder.checkpoints_folder(config.output_dir)
 
@@ -373,13 +390,14 @@ def plan_and_train(config: TrainConfig, world_size: int) -> int:
     settings = resume_settings(config, world_size)
     overrides = resume_guard.check_resume(checkpoint, settings, config.resume_anyway) if checkpoint else []
     model = build_model(config, weights=not config.dry_run)
-    main_process_decides(
-        lambda: run_folder.clear_previous_run(config.output_dir, config.overwrite_output_dir, config.dry_run)
-    )
+    start_afresh = config.overwrite_output_dir or (config.resume and checkpoint is None)
+    main_process_decides(lambda: run_folder.clear_previous_run(config.output_dir, start_afresh, config.dry_run))
     plan = training_plan(config, train, model, world_size)
     print_plan(plan)
     if config.dry_run:
         return 0
+    if is_main_process():
+        write_config_file(config)
     if checkpoint and run_folder.final_outputs_saved(config.output_dir, checkpoint, plan["optimizer_steps"]):
         if is_main_process():
             print(

@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -25,20 +26,60 @@ class RunFailed(Exception):
     """The run could not finish (e.g. a full disk): the stage exits with code 1 and this one-line message."""
 
 
+CONFIG_FLAG = "--config"
+
+
 def parse_config(config_class, argv: list[str] | None = None):
     """Fill `config_class` from the command line; every field is a `--flag` (dashes or underscores).
 
-    Unknown flags are rejected with exit code 2 (argparse's own usage error). A config class naming one of its
-    list fields in `POSITIONAL` takes the words that are not flags there (study.py's FIELD=V1,V2 settings).
+    `--config FILE` (YAML or JSON: a mapping of field names to values) sets the fields first; flags given on the
+    command line win. Unknown flags or fields are rejected with exit code 2 (argparse's own usage error).
+
+    A config class naming one of its list fields in `POSITIONAL` (study.py's settings) takes there the words that
+    are not flags, after the config file's entries that are not fields, each as `name=<JSON list of its values>`.
     """
     parser = HfArgumentParser(config_class)
-    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if positional := getattr(config_class, "POSITIONAL", None):
-        setattr(config, positional, [*getattr(config, positional), *(arg for arg in unknown if arg[:1] != "-")])
+    parser.add_argument(CONFIG_FLAG, metavar="FILE", help="YAML or JSON file of these fields; command-line flags win")
+    argv = sys.argv[1:] if argv is None else argv
+    config_file = parser.parse_known_args(argv)[0].config
+    values = read_config_file(parser, config_file) if config_file else {}
+    positional = getattr(config_class, "POSITIONAL", None)
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    words = [
+        f"{name}={json.dumps(as_list(value))}" for name, value in values.items() if positional and name not in fields
+    ]
+    own = {name: value for name, value in values.items() if name in fields or not positional}
+    parser.set_defaults(**config_file_values(parser, fields, config_file, own))
+    config, namespace, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if positional:
+        setattr(config, positional, [*words, *getattr(config, positional), *(arg for arg in unknown if arg[:1] != "-")])
         unknown = [arg for arg in unknown if arg[:1] == "-"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return config
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def read_config_file(parser, path: str) -> dict:
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # JSON is YAML
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"{CONFIG_FLAG} {path} cannot be read: {error}".splitlines()[0])
+    if not isinstance(values, dict):
+        parser.error(f"{CONFIG_FLAG} {path} must hold a mapping of field names to values")
+    return {str(name): value for name, value in values.items()}
+
+
+def config_file_values(parser, fields: set[str], path: str, values: dict) -> dict:
+    """A --config file's fields, as defaults of `parser`; scalars as text, so argparse parses each with its
+    field's type exactly as it would the flag's value."""
+    unknown = sorted(name for name in values if name not in fields)
+    if unknown:
+        parser.error(f"{CONFIG_FLAG} {path} has unknown fields: {', '.join(unknown)}")
+    return {name: value if value is None or isinstance(value, list) else str(value) for name, value in values.items()}
 
 
 def run_stage(main: Callable, config_class, argv: list[str] | None = None) -> int:

@@ -74,25 +74,29 @@ def refuse_previous_run(output_dir: str | Path, resume: bool, overwrite_output_d
         )
 
 
-def clear_previous_run(output_dir: str | Path, overwrite_output_dir: bool, dry_run: bool) -> None:
-    """--overwrite-output-dir, once the model and data have loaded: a typo in a flag must not cost the old run."""
+def clear_previous_run(output_dir: str | Path, start_afresh: bool, dry_run: bool) -> None:
+    """Clear a run that is started afresh (--overwrite-output-dir, or --resume with no checkpoint yet) once the
+    model and data have loaded: a typo in a flag must not cost the old run."""
     output_dir = Path(output_dir)
-    if overwrite_output_dir and not dry_run and previous_run_outputs(output_dir):
-        print(f"--overwrite-output-dir: deleting the previous run in {output_dir}")
+    if start_afresh and not dry_run and (found := previous_run_outputs(output_dir)):
+        print(f"deleting the previous run's {', '.join(found)} in {output_dir}")
         clear_folder(output_dir)
 
 
 def check_output_dir(output_dir: str | Path, resume: bool, overwrite_output_dir: bool) -> str | None:
     refuse_previous_run(output_dir, resume, overwrite_output_dir)
-    return resume_checkpoint(checkpoints_folder(output_dir), resume)
+    return resume_checkpoint(output_dir, resume)
 
 
-def resume_checkpoint(checkpoint_dir: Path, resume: bool) -> str | None:
+def resume_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
+    """The checkpoint --resume continues; None to start afresh, which --resume does when the run has none yet
+    (killed before its first checkpoint, or never started), so that a requeued job can repeat one command."""
+    checkpoint_dir = checkpoints_folder(output_dir)
     clear_incomplete_checkpoints(checkpoint_dir)
     if not resume:
         return None
     if latest_checkpoint(checkpoint_dir) is None:
-        raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start fresh")
+        return start_afresh_on_resume(output_dir)
     checkpoint = latest_loadable_checkpoint(checkpoint_dir, set_aside=is_main_process())
     if checkpoint is None:
         raise UsageError(
@@ -101,6 +105,17 @@ def resume_checkpoint(checkpoint_dir: Path, resume: bool) -> str | None:
         )
     print(f"resuming from {checkpoint}")
     return checkpoint
+
+
+def start_afresh_on_resume(output_dir: str | Path) -> None:
+    """--resume with no checkpoint: start afresh, unless the folder holds an adapter, which that would delete."""
+    adapter = [name for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE) if (Path(output_dir) / name).exists()]
+    if adapter:
+        raise UsageError(
+            f"--resume: {output_dir} holds an adapter ({', '.join(adapter)}) but no checkpoint to continue from; "
+            "pass --overwrite-output-dir to train it again from the start"
+        )
+    print(f"--resume: no checkpoint in {checkpoints_folder(output_dir)} yet; starting afresh")
 
 
 def final_outputs_saved(output_dir: str | Path, checkpoint: str, last_step: int) -> bool:

@@ -16,8 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .cli import UsageError, write_json
 from .run_lock import live_holder
 
@@ -91,11 +89,11 @@ def check_value(field: TrainField, value):
     return float(value) if field.kind == "float" else value
 
 
-def requested_values(assignments: list[str], config_file: str | None) -> dict[str, list]:
-    """Each train.py setting's values, from `--config FILE` (a mapping of field: value or list) and the command
-    line's FIELD=V1,V2 (which wins); every problem at once."""
+def requested_values(assignments: list[str]) -> dict[str, list]:
+    """Each train.py setting's values from FIELD=V1,V2 words (a later word for the same field wins; `--config`'s
+    entries come first, as FIELD=<JSON list>); every problem at once."""
     fields, problems, values = train_fields(), [], {}
-    for name, raw in [*config_file_items(config_file), *map(command_line_item, assignments)]:
+    for name, raw in map(setting_values, assignments):
         key = name.strip().replace("-", "_")
         if key not in fields or key in LAUNCH_ONLY:
             why = "is set by the study for each run" if key in LAUNCH_ONLY else "is not a train.py setting"
@@ -113,23 +111,18 @@ def requested_values(assignments: list[str], config_file: str | None) -> dict[st
     return values
 
 
-def command_line_item(assignment: str) -> tuple[str, list[str]]:
+def setting_values(assignment: str) -> tuple[str, list]:
+    """`name=v1,v2`, or `name=["a,b", "c"]` (a JSON list) for values that hold commas."""
     name, equals, text = assignment.partition("=")
     if not equals or not text:
         raise UsageError(f"{assignment}: settings are FIELD=V1,V2,... (e.g. learning_rate=5e-5,1e-4)")
-    return name, text.split(",")
-
-
-def config_file_items(path: str | None) -> list[tuple[str, list]]:
-    if path is None:
-        return []
+    if not text.startswith("["):
+        return name, text.split(",")
     try:
-        mapping = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # JSON is YAML
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"--config {path} cannot be read: {error}") from None
-    if not isinstance(mapping, dict):
-        raise UsageError(f"--config {path} must hold a mapping of train.py settings to a value or a list of values")
-    return [(str(name), value if isinstance(value, list) else [value]) for name, value in mapping.items()]
+        values = json.loads(text)
+    except ValueError:
+        raise UsageError(f"{assignment}: a value starting with [ must be a JSON list") from None
+    return name, values
 
 
 @dataclass

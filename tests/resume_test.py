@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from conftest import ROOT, TINY_TRAINING_FLAGS, run_in_process, script_env
 from train_test import INJECT, STOP_LINE, assert_same_adapter, logged_steps, train_args
 
@@ -172,7 +173,9 @@ def test_gnu_timeout_stops_the_run_with_a_checkpoint(tiny_model_dir, data_dir, t
     assert int(assert_stopped_with_a_checkpoint(stopped, output_dir)) < 6
 
 
-def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(tiny_model_dir, data_dir, tmp_path):
+def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint_and_resume_starts_afresh(
+    uninterrupted_dir, tiny_model_dir, data_dir, tmp_path
+):
     output_dir = tmp_path / "two_ctrl_c"
     process = start(injected_train(train_args(tiny_model_dir, data_dir, output_dir, *FLAGS)), SECONDS_PER_CALL="0.3")
     wait_until(process, lambda: logged_steps(output_dir) >= 1)  # step 2 in progress, no checkpoint yet
@@ -183,3 +186,39 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(tiny_model_dir, data
     assert stopped.returncode == 128 + signal.SIGINT
     assert "stopped at optimizer step" not in stopped.stderr
     assert training.latest_checkpoint(output_dir / "checkpoints") is None
+    assert_resume_starts_afresh(uninterrupted_dir, output_dir, train_args(tiny_model_dir, data_dir, output_dir, *FLAGS))
+
+
+def assert_resume_starts_afresh(uninterrupted_dir, output_dir, flags: list[str]) -> None:
+    """A run killed before its first checkpoint continues with the one command a requeued job repeats: --resume."""
+    assert (output_dir / "train_log.jsonl").exists()  # a fresh command is refused: the folder holds a previous run
+    resumed = run_in_process("train.py", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"--resume: no checkpoint in {output_dir / 'checkpoints'} yet; starting afresh" in resumed.stdout
+    assert_finished_like(uninterrupted_dir, output_dir)
+    assert logged_steps(output_dir) == 6  # the killed run's log lines were cleared, not appended to
+
+
+def test_resume_of_a_folder_with_an_adapter_but_no_checkpoint_is_refused(uninterrupted_dir, tmp_path):
+    """Starting afresh there would delete a finished adapter: one line, exit 2, nothing deleted."""
+    output_dir = shutil.copytree(uninterrupted_dir, tmp_path / "no_checkpoints")
+    shutil.rmtree(output_dir / "checkpoints")
+    before = sorted(path.name for path in output_dir.iterdir())
+    settings = yaml.safe_load((output_dir / "train_config.yaml").read_text())
+    result = run_in_process(
+        "train.py", "--config", output_dir / "train_config.yaml", "--output-dir", output_dir, "--resume"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --resume: {output_dir} holds an adapter (adapter_config.json, adapter_model.safetensors) but no "
+        "checkpoint to continue from; pass --overwrite-output-dir to train it again from the start"
+    ]
+    assert sorted(path.name for path in output_dir.iterdir()) == before
+    assert settings["output_dir"] == str(uninterrupted_dir) and "resume" not in settings
+
+
+def test_a_run_reruns_exactly_from_the_config_file_it_wrote(uninterrupted_dir, tmp_path):
+    again = tmp_path / "again"
+    result = run_in_process("train.py", "--config", uninterrupted_dir / "train_config.yaml", "--output-dir", again)
+    assert result.returncode == 0, result.stderr
+    assert_finished_like(uninterrupted_dir, again)
