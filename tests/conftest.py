@@ -27,6 +27,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qw
 from lora_summarization.cli import run_stage
 from lora_summarization.synthetic import make_examples, write_samsum_csvs
 
+# The `slurm_cluster` fixture: a real one-node SLURM cluster (root and Debian's slurm packages).
+pytest_plugins = ["slurm_cluster"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_QWEN_DIR = ROOT.parent / "shared" / "qwen2.5-1.5b-instruct"
 QWEN_DIR = Path(os.environ.get("QWEN_TOKENIZER_DIR") or SHARED_QWEN_DIR)
