@@ -84,9 +84,9 @@ def main(config: StudyConfig) -> int:
         launcher_options(config),
         {"max_examples": config.max_examples, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size},
     )
-    study.save()
     if config.status:
         return print_status(study)
+    study.save()
     if config.evaluate_only:
         return evaluate_and_report(study, device=None)
     if config.launcher == "slurm":

@@ -116,7 +116,7 @@ def pinned_environment(slot: str | None) -> dict:
 
 
 def work_on(pending: queue.Queue, slot: str | None, command, stop: StopRequest) -> None:
-    while True:
+    while stop.signal_number is None:
         try:
             run = pending.get_nowait()
         except queue.Empty:
