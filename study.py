@@ -78,11 +78,12 @@ class StudyConfig:
 
 def main(config: StudyConfig) -> int:
     check_flags(config)
+    launching = not (config.status or config.evaluate_only)
     study = open_study(
         Path(config.output_dir).resolve(),
         requested_values(config.settings),
-        launcher_options(config),
-        {"max_examples": config.max_examples, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size},
+        launcher_options(config) if launching else None,
+        evaluation_options(config) if launching else None,
     )
     if config.status:
         return print_status(study)
@@ -110,6 +111,14 @@ def launcher_options(config: StudyConfig) -> dict:
     names = ("gpus_per_run", "partition", "time", "account", "max_parallel", "requeue", "signal_seconds")
     options = {name: getattr(config, name) for name in names}
     return {"name": config.launcher, **options, "sbatch_args": config.sbatch_arg}
+
+
+def evaluation_options(config: StudyConfig) -> dict:
+    return {
+        "max_examples": config.max_examples,
+        "max_new_tokens": config.max_new_tokens,
+        "batch_size": config.batch_size,
+    }
 
 
 def print_status(study: Study) -> int:

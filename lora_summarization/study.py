@@ -197,21 +197,23 @@ def format_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def open_study(folder: Path, requested: dict[str, list], launcher: dict, evaluation: dict) -> Study:
+def open_study(folder: Path, requested: dict[str, list], launcher: dict | None, evaluation: dict | None) -> Study:
     """The study in `folder` with the requested values added, or a new one; a change of a fixed setting is refused.
 
-    A command without settings continues the study as it is."""
+    A command without settings continues the study as it is; without a launcher (--status, --evaluate-only) the
+    study keeps its launcher and evaluation options."""
     seeds = requested.pop("seed", None)
     stored = read_study(folder)
     if stored is None:
         dimensions = [key for key, values in requested.items() if len(values) > 1]
-        return Study(folder, requested, dimensions, seeds or list(DEFAULT_SEEDS), launcher, evaluation, [])
+        return Study(folder, requested, dimensions, seeds or list(DEFAULT_SEEDS), launcher or {}, evaluation or {}, [])
     if requested or seeds:
         refuse_changed_settings(stored, requested)
         for key in stored.dimensions:
             stored.values[key] = list(dict.fromkeys(stored.values[key] + requested.get(key, [])))
         stored.seeds = list(dict.fromkeys(stored.seeds + (seeds or [])))
-    stored.launcher, stored.evaluation = launcher, evaluation
+    if launcher is not None:
+        stored.launcher, stored.evaluation = launcher, evaluation
     return stored
 
 
