@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import run_in_process
+from train_test import assert_same_adapter
 
 from lora_summarization import launchers
 from lora_summarization.study import Run
@@ -208,3 +209,117 @@ def test_sigterm_to_the_launcher_stops_the_running_runs_with_sigterm_and_starts_
     assert launchers.run_locally(runs, ["0", "1"], command) == 143
     assert [marker(run).read_text() for run in runs[:2]] == ["checkpointed"] * 2
     assert not marker(runs[2]).with_suffix(".marker.started").exists()
+
+
+# --- the same study on a real one-node SLURM cluster
+
+ON_SLURM = ("--launcher", "slurm", "--gpus-per-run", "0")
+
+
+def run_log(run_dir):
+    return run_dir.parent / f"{run_dir.name}.log"
+
+
+def run_pid(run_dir) -> int:
+    return json.loads((run_dir / ".run.lock").read_text())["pid"]
+
+
+def stop_after_first_checkpoint(run_dirs, timeout: float = 300) -> dict:
+    """SIGSTOP each run's train.py once its first checkpoint is written, so that the test interrupts it after that
+    checkpoint and before its end, however fast the machine; returns the PIDs."""
+    stopped, deadline = {}, time.monotonic() + timeout
+    while len(stopped) < len(run_dirs):
+        assert time.monotonic() < deadline, f"no checkpoint-2 in {run_dirs} after {timeout} s"
+        for run_dir in run_dirs:
+            if run_dir not in stopped and (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+                stopped[run_dir] = run_pid(run_dir)
+                os.kill(stopped[run_dir], signal.SIGSTOP)
+        time.sleep(0.02)
+    return stopped
+
+
+def continue_once_terminated(pid: int, timeout: float = 60) -> None:
+    """SIGCONT a stopped process once a SIGTERM waits for it (or something else has continued it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+        pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+        if pending & (1 << (signal.SIGTERM - 1)) or not status["State"].strip().startswith("T"):
+            break
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGCONT)
+
+
+def release_when_requeued(cluster, task: str) -> None:
+    """A requeued job waits before it may start again; let it start now."""
+    cluster.wait_for_states(task, "PENDING", timeout=120)
+    cluster.run("scontrol", "update", f"jobid={task}", "StartTime=now")
+
+
+def submissions(study_dir) -> list[dict]:
+    return json.loads((study_dir / "study.json").read_text())["submissions"]
+
+
+def wait_for_evaluation(cluster, study_dir) -> None:
+    cluster.wait_for_states(submissions(study_dir)[-1]["evaluation"], "COMPLETED", "FAILED", timeout=900)
+
+
+def test_on_slurm_the_study_survives_preemption_and_the_time_limit_and_ends_as_the_local_one(
+    slurm_cluster, local_study, tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    study_dir = tmp_path / "lr"
+    args = [*study_args(tiny_model_dir, data_dir, study_dir), *ON_SLURM]
+    submitted = time.time()
+    result = run_in_process("study.py", "seed=42,43", *args)
+    assert result.returncode == 0, result.stderr
+    (submission,) = submissions(study_dir)
+    assert submission["runs"] == RUNS
+    preempted, signalled = (study_dir / "runs" / name for name in RUNS[:2])
+    first_step = wait_for_first_step(study_dir)
+    print(f"\nsubmission to a first optimizer step on the test cluster: {first_step - submitted:.1f} s")
+    pids = stop_after_first_checkpoint([preempted, signalled])
+
+    array = submission["array"]
+    slurm_cluster.run("scontrol", "requeue", f"{array}_0")  # preemption: SIGTERM, then back in the queue
+    continue_once_terminated(pids[preempted])
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{array}_1")  # the warning before the time limit
+    continue_once_terminated(pids[signalled])
+    for task in (f"{array}_0", f"{array}_1"):
+        release_when_requeued(slurm_cluster, task)
+    wait_for_evaluation(slurm_cluster, study_dir)
+    print(f"2 x 2 tiny study on the test cluster: {time.time() - submitted:.1f} s")
+
+    for name in RUNS:
+        assert_same_adapter(local_study / "runs" / name, study_dir / "runs" / name)
+    for run_dir in (preempted, signalled):
+        log = run_log(run_dir).read_text()
+        assert "SIGTERM: stopped at optimizer step" in log and "resuming from" in log
+        assert len([line for line in log.splitlines() if line.startswith("# ") and " on " in line]) == 2
+    assert "time limit near, checkpointed; requeued" in run_log(signalled).read_text()
+    assert evaluated_runs(study_dir) == sorted(RUNS)
+    assert "4 runs: 4 finished" in (study_dir / "report.md").read_text()
+
+    again = run_in_process("study.py", "seed=42,43", *args)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
+    assert len(submissions(study_dir)) == 1
+
+    grown = run_in_process("study.py", "seed=42,43,44", *args, "learning_rate=1e-2,5e-3,-1")
+    assert grown.returncode == 0, grown.stderr
+    failing = [f"learning_rate=-1.0_seed{seed}" for seed in (42, 43, 44)]
+    assert submissions(study_dir)[-1]["runs"] == ["learning_rate=0.01_seed44", "learning_rate=0.005_seed44", *failing]
+    wait_for_evaluation(slurm_cluster, study_dir)
+    status = run_in_process("study.py", "--output-dir", study_dir, "--status").stdout
+    for name in failing:
+        assert f"{name}: failed (" in status and "--learning-rate must not be negative" in status
+    assert evaluated_runs(study_dir) == sorted([*RUNS, "learning_rate=0.01_seed44", "learning_rate=0.005_seed44"])
+    assert "## Failed runs" in (study_dir / "report.md").read_text()
+
+
+def wait_for_first_step(study_dir, timeout: float = 300) -> float:
+    """When a run's train_log.jsonl first holds a record: its first optimizer step is done (time.time())."""
+    deadline = time.monotonic() + timeout
+    while not any(path.read_text().strip() for path in (study_dir / "runs").glob("*/train_log.jsonl")):
+        assert time.monotonic() < deadline, f"no optimizer step in {study_dir} after {timeout} s"
+        time.sleep(0.05)
+    return time.time()
