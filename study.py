@@ -33,6 +33,7 @@ from lora_summarization.cli import EXIT_CHECK_FAILED, UsageError, run_stage
 from lora_summarization.study import (
     EVALUATE_SCRIPT,
     EVALUATION,
+    STUDY_FILE,
     Study,
     last_line,
     of_state,
@@ -85,6 +86,8 @@ def main(config: StudyConfig) -> int:
         launcher_options(config) if launching else None,
         evaluation_options(config) if launching else None,
     )
+    if not (launching or config.settings or (study.folder / STUDY_FILE).exists()):
+        raise UsageError(f"{config.output_dir} holds no study; start one with its settings (FIELD=V1,V2 ...)")
     if config.status:
         return print_status(study)
     study.save()
@@ -142,7 +145,7 @@ def train_here(study: Study) -> int:
     stopped = launchers.run_locally(to_train, slots, lambda run, slot: launchers.train_command(run, processes))
     if stopped:
         return stopped
-    return evaluate_and_report(study, device=slots[0])
+    return evaluate_and_report(study, device=slots[0] and slots[0].split(",")[0])  # evaluate.py uses one GPU
 
 
 def submit_to_slurm(study: Study) -> int:

@@ -265,14 +265,14 @@ class RunState:
 
 
 def run_state(run: Run, queued: dict[str, str]) -> RunState:
-    """`queued` holds the scheduler's job id of each run it still holds."""
+    """`queued` describes the scheduler's job of each run it still holds ("job 12_3, pending")."""
     folder = run.folder
     if (folder / "adapter_config.json").exists() and (folder / "training_summary.json").exists():
         return RunState(run, "finished")
     if holder := live_holder(folder):
         return RunState(run, "running", progress(run) + f"; PID {holder.get('pid')} on {holder.get('host')}")
     if run.name in queued:
-        return RunState(run, "queued", f"job {queued[run.name]}")
+        return RunState(run, "queued", queued[run.name])
     last = last_line(run.log)
     if last.startswith(("error:", "Traceback")) or re.match(r"\w+(Error|Exception)\b", last):
         return RunState(run, "failed", f"{run.log}: {last}")
@@ -286,10 +286,16 @@ def run_state(run: Run, queued: dict[str, str]) -> RunState:
 def progress(run: Run) -> str:
     """`step x of y`: the last step train.py logged, of the steps its plan printed."""
     planned = re.findall(r"optimizer steps: ([\d,]+)", read_text(run.log))
-    step = 0
-    for line in read_text(run.folder / "train_log.jsonl").splitlines():
-        step = json.loads(line).get("step", step) if line.strip() else step
-    return f"at step {step} of {planned[-1] if planned else '?'}"
+    return f"at step {last_logged_step(run.folder / 'train_log.jsonl')} of {planned[-1] if planned else '?'}"
+
+
+def last_logged_step(train_log: Path) -> int:
+    for line in reversed(read_text(train_log).splitlines()):
+        try:
+            return json.loads(line)["step"]
+        except ValueError:
+            continue  # a line being written
+    return 0
 
 
 def read_text(path: Path) -> str:

@@ -3,9 +3,11 @@ GPU slots for 1, 2 and 4 GPUs and the processes that get them; SIGTERM passed on
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -15,7 +17,8 @@ from conftest import run_in_process
 from train_test import assert_same_adapter
 
 from lora_summarization import launchers
-from lora_summarization.study import Run
+from lora_summarization.run_lock import output_dir_lock
+from lora_summarization.study import Run, run_state
 
 # The same tiny schedule as TINY_TRAINING_FLAGS, as study settings; two learning rates x two seeds.
 TINY = ("max_steps=4", "save_steps=2", "eval_steps=1000", "logging_steps=1", "warmup_steps=0")
@@ -89,9 +92,10 @@ def test_rerunning_the_study_trains_and_evaluates_nothing_and_a_changed_fixed_se
 
 
 def test_an_added_seed_and_a_failing_value_train_only_the_new_runs_and_the_failures_are_reported(
-    local_study, tiny_model_dir, data_dir, tmp_path
+    local_study, tiny_model_dir, data_dir, monkeypatch
 ):
     """Runs after the two tests above: the study grows by seed 44 and by a learning rate train.py refuses."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     finished_before = adapter_times(local_study, RUNS)
     args = study_args(tiny_model_dir, data_dir, local_study, "learning_rate=1e-2,5e-3,-1")
     grown = run_in_process("study.py", "seed=42,43,44", *args)
@@ -182,10 +186,10 @@ def test_the_processes_started_see_only_their_gpu_and_as_many_run_at_once_as_the
         assert header.split()[3] == f"CUDA_VISIBLE_DEVICES={device}"
         spans.append((device, float(start), float(end)))
     assert {device for device, _, _ in spans} == set(slots)
-    for _, start, end in spans:
-        at_once = [other for other in spans if other[1] < end and start < other[2]]
-        assert len(at_once) <= gpus and len({other[0] for other in at_once}) == len(at_once)
-    assert gpus == 1 or max(sum(o[1] < e and s < o[2] for o in spans) for _, s, e in spans) > 1
+    for (device, start, end), (other, other_start, other_end) in itertools.combinations(spans, 2):
+        assert not (start < other_end and other_start < end and device == other), "two runs at once on one GPU"
+    most_at_once = max(sum(start <= moment < end for _, start, end in spans) for _, moment, _ in spans)
+    assert most_at_once <= gpus and (gpus == 1 or most_at_once > 1)
 
 
 SIGTERM_RECORDED = (
@@ -279,6 +283,11 @@ def test_on_slurm_the_study_survives_preemption_and_the_time_limit_and_ends_as_t
     first_step = wait_for_first_step(study_dir)
     print(f"\nsubmission to a first optimizer step on the test cluster: {first_step - submitted:.1f} s")
     pids = stop_after_first_checkpoint([preempted, signalled])
+    status = run_in_process("study.py", "--output-dir", study_dir, "--status").stdout.splitlines()
+    assert [line.split(" (")[0] for line in status[:4]] == [
+        f"{name}: {state}" for name, state in zip(RUNS, ["running"] * 2 + ["queued"] * 2, strict=True)
+    ]
+    assert "at step 2 of 4" in status[0] and f"job {submission['array']}_3, pending" in status[3]
 
     array = submission["array"]
     slurm_cluster.run("scontrol", "requeue", f"{array}_0")  # preemption: SIGTERM, then back in the queue
@@ -323,3 +332,29 @@ def wait_for_first_step(study_dir, timeout: float = 300) -> float:
         assert time.monotonic() < deadline, f"no optimizer step in {study_dir} after {timeout} s"
         time.sleep(0.05)
     return time.time()
+
+
+def test_a_runs_state_is_read_from_its_folder_and_log(tmp_path):
+    run = Run(tmp_path, {"learning_rate": 0.01}, 42, {})
+    assert run_state(run, {}).line() == "learning_rate=0.01_seed42: not started"
+    assert run_state(run, {run.name: "job 7_1, pending"}).line().endswith("queued (job 7_1, pending)")
+    (run.folder / "checkpoints" / "checkpoint-6").mkdir(parents=True)
+    run.log.write_text("optimizer steps: 12 at an effective batch of 8\nSIGTERM: stopped at optimizer step 6; ...\n")
+    assert run_state(run, {}).line().endswith("interrupted (at checkpoint 6)")
+    (run.folder / "train_log.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 7, "loss": 0.9}\n{"st')
+    with output_dir_lock(run.folder, "train.py"):
+        assert (
+            run_state(run, {})
+            .line()
+            .endswith(f"running (at step 7 of 12; PID {os.getpid()} on {socket.gethostname()})")
+        )
+    with run.log.open("a") as log:
+        log.write("  3%|#  | 1/12 [00:01<00:11]\rerror: the loss became NaN or infinite at optimizer step 7; ...\n")
+    assert (
+        run_state(run, {})
+        .line()
+        .endswith(f"failed ({run.log}: error: the loss became NaN or infinite at optimizer step 7; ...)")
+    )
+    for name in ("adapter_config.json", "training_summary.json"):
+        (run.folder / name).write_text("{}")
+    assert run_state(run, {}).state == "finished"
