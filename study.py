@@ -61,7 +61,11 @@ class StudyConfig:
     account: str | None = field(default=None, metadata={"help": "slurm: the account charged"})
     max_parallel: int = field(default=0, metadata={"help": "slurm: at most this many runs at once (0: no cap)"})
     sbatch_arg: list[str] = field(
-        default_factory=list, metadata={"help": "slurm: further sbatch options, each as --sbatch-arg=--mem=32G"}
+        default_factory=list,
+        metadata={
+            "help": "slurm: a further sbatch option, as --sbatch-arg=--mem=32G; repeat for more",
+            "action": "extend",
+        },
     )
     requeue: bool = field(default=True, metadata={"help": "slurm: requeue a preempted run (--no-requeue: do not)"})
     signal_seconds: int = field(

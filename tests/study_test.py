@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from train_test import assert_same_adapter
 
 from lora_summarization import launchers
 from lora_summarization.run_lock import output_dir_lock
-from lora_summarization.study import Run, run_state
+from lora_summarization.study import Run, Study, run_state
 
 # The same tiny schedule as TINY_TRAINING_FLAGS, as study settings; two learning rates x two seeds.
 TINY = ("max_steps=4", "save_steps=2", "eval_steps=1000", "logging_steps=1", "warmup_steps=0")
@@ -358,3 +359,28 @@ def test_a_runs_state_is_read_from_its_folder_and_log(tmp_path):
     for name in ("adapter_config.json", "training_summary.json"):
         (run.folder / name).write_text("{}")
     assert run_state(run, {}).state == "finished"
+
+
+def test_the_job_scripts_carry_every_slurm_option_and_are_valid_bash(tmp_path):
+    study = Study(tmp_path / "lr", {"learning_rate": [0.01, 0.005]}, ["learning_rate"], [42, 43], {}, {}, [])
+    options = {
+        "gpus_per_run": 2,
+        "partition": "gpu",
+        "time": "04:00:00",
+        "account": "lab",
+        "max_parallel": 2,
+        "requeue": True,
+        "signal_seconds": 300,
+        "sbatch_args": ["--mem=64G", "--qos=high"],
+    }
+    array = launchers.array_job(study, study.runs(), options, tmp_path)
+    evaluation = launchers.evaluation_job(study, options, tmp_path, [sys.executable, "study.py", "--evaluate-only"])
+    directives = [line.removeprefix("#SBATCH ") for line in array.splitlines() if line.startswith("#SBATCH")]
+    expected = ["--array=0-3%2", "--requeue", "--signal=B:USR1@300", "--gres=gpu:2", "--partition=gpu"]
+    expected += ["--time=04:00:00", "--account=lab", "--mem=64G", "--qos=high"]
+    assert set(expected) <= set(directives)
+    assert "--gres=gpu:1" in evaluation and "--array" not in evaluation and "--mem=64G" in evaluation
+    assert "-m torch.distributed.run --nproc_per_node 2" in array and array.count("--resume") == 4
+    for name, text in (("train.sbatch", array), ("evaluate.sbatch", evaluation)):
+        (tmp_path / name).write_text(text)
+        assert subprocess.run(["bash", "-n", str(tmp_path / name)]).returncode == 0
