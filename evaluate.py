@@ -261,7 +261,7 @@ def save_outputs(config: EvalConfig, records, scores: dict, study: dict, adapter
     predictions = predictions_text(records, scores)
     with disk_full_reported(output_dir, lambda: outputs_disk_full(output_dir, predictions)):
         write_atomic(output_dir / PREDICTIONS_FILE, predictions)
-        write_atomic(output_dir / CHART_FILE, chart_png(results["models"], study["comparisons"]))
+        write_atomic(output_dir / CHART_FILE, chart_png(results["models"], study["comparisons"], study.get("arms")))
         write_json(output_dir / RESULTS_FILE, results)
     cards = [
         add_evaluation(folder, card_results(results, name, differences[name])) for name, folder in adapters.items()

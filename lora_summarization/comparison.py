@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from .cli import UsageError, write_json
 from .evaluation import (
@@ -16,11 +17,12 @@ from .evaluation import (
     LOWER_IS_BETTER,
     METRIC_NAMES,
     ModelScores,
-    bootstrap_summary,
     comparison_plan,
     format_report,
     mean_words,
+    paired_bootstrap,
     rouge_scores,
+    win_and_tie_rates,
 )
 from .prompts import extract_summary
 
@@ -167,8 +169,6 @@ def recorded_settings(predictions_file: Path) -> dict:
 
 # Settings that say where or how a run was launched, not what it trained: seeds of one arm may differ in them.
 NOT_ARM_SETTINGS = ("seed", "output_dir", "resume", "resume_anyway", "overwrite_output_dir", "report_to", "debug")
-FEW_SEEDS = 3  # below this an arm's interval cannot hold seed variance
-ENOUGH_SEEDS = 5  # from this on the seed part of an interval is no longer clearly optimistic
 
 
 def group_arms(settings: dict[str, dict | None]) -> dict[str, list[str]]:
@@ -201,7 +201,7 @@ def arm_name(settings: dict, differing: list[str]) -> str:
     return ", ".join(f"{name}={settings.get(name)}" for name in differing) or FINE_TUNED
 
 
-def two_level_bootstrap(
+def arm_difference(
     candidate: np.ndarray,
     reference: np.ndarray,
     lower_is_better: bool,
@@ -209,41 +209,98 @@ def two_level_bootstrap(
     seed: int,
     weights: np.ndarray | None = None,
 ) -> dict:
-    """Candidate arm minus reference arm, each a (seeds, examples) array of per-example scores, resampled twice:
-    test examples with replacement (one draw for both arms, the draw of paired_bootstrap for this seed) and,
-    independently for each arm, its seeds with replacement. The statistic is the difference of the arms' means
-    over seeds of the (weighted) example mean. With one seed per arm this is exactly paired_bootstrap.
+    """Candidate arm minus reference arm, each a (seeds, examples) array of per-example scores on the same test
+    examples: the difference of the arms' means over seeds of the (weighted) example mean, with a 95% t interval
+    from the variance components of `difference_variance`. With one seed per arm it is exactly paired_bootstrap
+    (`samples` and `seed` serve only there).
 
-    With several seeds, `seed_pairs_better` is P(candidate > reference) over every pair of one seed from each arm
-    (ties count half), on the corpus metric.
+    `share_not_better` is the t distribution's P(difference <= 0) (>= 0 where lower is better), centred on the
+    difference with scale `se`: a summary of the interval, not a probability that the arms differ. `df` is the
+    interval's degrees of freedom. `seed_pairs_better` is the share of pairs of one seed from each arm in which the
+    candidate's corpus metric is better (ties count half): a count over seed pairs, not a probability.
     """
     candidate, reference = np.atleast_2d(candidate), np.atleast_2d(reference)
-    count = candidate.shape[1]
-    weights = np.ones(count) if weights is None else np.asarray(weights, dtype=float)
-    rng = np.random.default_rng(seed)
-    resampled = rng.integers(0, count, size=(samples, count))  # drawn first, as paired_bootstrap draws them
-    differences = resampled_seed_means(candidate, rng, samples) - resampled_seed_means(reference, rng, samples)
-    means = np.take_along_axis(differences * weights, resampled, axis=1).sum(axis=1) / weights[resampled].sum(axis=1)
-    result = bootstrap_summary(means, candidate.mean(axis=0) - reference.mean(axis=0), weights, lower_is_better)
-    if len(candidate) > 1 or len(reference) > 1:
-        result["seed_pairs_better"] = seed_pairs_better(candidate, reference, weights, lower_is_better)
-    return result
+    if len(candidate) == len(reference) == 1:
+        return paired_bootstrap(candidate[0], reference[0], lower_is_better, samples, seed, weights)
+    weights = np.ones(candidate.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    difference, variance, degrees = difference_variance(candidate, reference, weights)
+    se, gain = math.sqrt(variance), -difference if lower_is_better else difference
+    half_width = se * student_t.ppf(0.975, degrees)
+    return {
+        "mean": float(difference),
+        "ci95": [float(difference - half_width), float(difference + half_width)],
+        "share_not_better": float(student_t.cdf(-gain / se, degrees)) if se > 0 else float(gain <= 0),
+        **win_and_tie_rates(candidate.mean(axis=0) - reference.mean(axis=0), lower_is_better),
+        "se": se,
+        "df": float(degrees),
+        "seed_pairs_better": seed_pairs_better(candidate, reference, weights, lower_is_better),
+    }
 
 
-def resampled_seed_means(scores: np.ndarray, rng: np.random.Generator, samples: int) -> np.ndarray:
-    """Per resample, each example's mean over the arm's seeds drawn with replacement: (samples or 1, examples).
+def difference_variance(candidate: np.ndarray, reference: np.ndarray, weights: np.ndarray):
+    """The difference of two arms' means, its estimated variance and that estimate's degrees of freedom, for
+    arms given as (..., seeds, examples) arrays that share their examples (any leading shape: the calibration
+    simulation passes many replications at once).
 
-    Resampling k seeds shrinks their variance by (k-1)/k, so the deviations from the seed mean are widened by
-    sqrt(k/(k-1)) first.
+    Model, per arm a with k_a seeds on n shared examples: Y_a[s, i] = m_a + u_a(i) + v_a(s) + e_a(s, i), with
+    example effects u (paired between arms: the same dialogues), seed effects v (independent between arms) and a
+    seed x example interaction e. The estimate D = g_c - g_r, g_a the mean over seeds of the weighted example
+    mean, has
+        Var(D) = var(u_c - u_r) / n + sum_a [var(v_a) / k_a + var(e_a) / (k_a n)].
+    Weights (token counts for losses) enter by linearising the ratio of weighted sums: pseudo-values
+    Z_a[s, i] = c_i (Y_a[s, i] - g_a) with c_i = n w_i / sum(w) take the unweighted formulas, 1/n becoming
+    sum(w^2) / sum(w)^2. Three mean squares estimate the parts:
+      - S2_d, the variance over examples of c_i (d_i - D), d_i the difference of the seed-averaged scores:
+        var(u_c - u_r) + sum_a var(e_a) / k_a, with n - 1 degrees of freedom;
+      - per arm, S2_M, the variance over seeds of its weighted seed means: var(v_a) + var(e_a) sum(c^2) / n^2,
+        with k_a - 1;
+      - per arm, MS_res, the two-way (seed x example) residual mean square, each cell's squared residual times
+        c_i^2: var(e_a) mean(c^2), with (k_a - 1)(n - 1).
+    Then V = S2_d / n + sum_a (S2_M - MS_res / n) / k_a is unbiased for Var(D): S2_d already holds each arm's
+    interaction, and subtracting MS_res / n removes the second copy that S2_M holds. Resampling seeds inside
+    resampled examples (a two-level bootstrap) counts that interaction twice (Owen 2007, "The pigeonhole
+    bootstrap"; McCullagh 2000), an interval up to ~1.6x too wide where the interaction dominates.
+    Var(D) can be no less than the examples' part, so the seed part is cut at 0 (all arms together); an arm of
+    one seed has no seed part (exact for the base model, which has no seed variance; else the interval leaves
+    the arm's seed variance out).
+
+    Degrees of freedom (Satterthwaite): V / Var(D) is taken as chi-square over nu. With the parts' terms
+    t_j = c_j S_j (f_j degrees of freedom each), nu = Var(D)^2 / sum_j (c_j sigma_j^2)^2 / f_j; estimated with the
+    unbiased estimates of those squares, t_j^2 / (f_j + 2), and of Var(D)^2, V^2 - 2 sum_j t_j^2 / (f_j + 2):
+    nu = V^2 / sum_j t_j^2 / (f_j + 2) - 2, exact for a single part. The plug-in t_j^2 / f_j makes nu too small
+    with few seeds (3 v 3 seeds covered 96.6%, not 95%). Where the seed part was cut at 0 it adds no terms.
+    benchmarks/interval_calibration.py measures the coverage and width in each regime; tests/arms_test.py checks it.
     """
-    seeds = len(scores)
-    if seeds == 1:
-        return scores
-    centre = scores.mean(axis=0)
-    widened = centre + math.sqrt(seeds / (seeds - 1)) * (scores - centre)
-    drawn = rng.integers(0, seeds, size=(samples, seeds))
-    counts = (drawn[:, :, None] == np.arange(seeds)).sum(axis=1)
-    return counts @ widened / seeds
+    examples = candidate.shape[-1]
+    scale = examples * weights / weights.sum()
+    seed_means = [np.average(arm, axis=-1, weights=weights) for arm in (candidate, reference)]
+    difference = seed_means[0].mean(axis=-1) - seed_means[1].mean(axis=-1)
+    paired = scale * (candidate.mean(axis=-2) - reference.mean(axis=-2) - difference[..., None])
+    example_part = (paired**2).sum(axis=-1) / ((examples - 1) * examples)
+    arms = zip((candidate, reference), seed_means, strict=True)
+    parts = [seed_part(arm, means, scale) for arm, means in arms if arm.shape[-2] > 1]
+    seed_variance = sum((part for part, _ in parts), np.zeros_like(difference))
+    seed_squares = sum((squared for _, squared in parts), np.zeros_like(difference))
+    variance = example_part + np.maximum(seed_variance, 0)
+    squares = example_part**2 / (examples + 1) + np.where(seed_variance > 0, seed_squares, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        degrees = np.where(squares > 0, variance**2 / squares - 2, np.inf)
+    return difference, variance, np.maximum(degrees, 1)
+
+
+def seed_part(scores: np.ndarray, seed_means: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One arm's (S2_M - MS_res / n) / k and its terms' squares over (f + 2), for difference_variance."""
+    seeds, examples = scores.shape[-2:]
+    spread = seed_means.var(axis=-1, ddof=1) / seeds
+    residuals = (
+        scores
+        - scores.mean(axis=-1, keepdims=True)
+        - scores.mean(axis=-2, keepdims=True)
+        + scores.mean(axis=(-2, -1), keepdims=True)
+    )
+    residual_degrees = (seeds - 1) * (examples - 1)
+    interaction = (scale**2 * residuals**2).sum(axis=(-2, -1)) / (residual_degrees * seeds * examples)
+    return spread - interaction, spread**2 / (seeds + 1) + interaction**2 / (residual_degrees + 2)
 
 
 def seed_pairs_better(candidate: np.ndarray, reference: np.ndarray, weights: np.ndarray, lower_is_better: bool):
@@ -254,8 +311,8 @@ def seed_pairs_better(candidate: np.ndarray, reference: np.ndarray, weights: np.
 
 
 def compare_arms(scores: dict[str, ModelScores], arms: dict[str, list[str]], samples: int, seed: int) -> list[dict]:
-    """Two-level bootstraps of every arm against the base and of every later arm against the first, per metric
-    that all their rows have (losses token-weighted)."""
+    """Differences (arm_difference) of every arm against the base and of every later arm against the first, per
+    metric that all their rows have (losses token-weighted)."""
     return [
         {
             "model": name,
@@ -270,7 +327,7 @@ def compare_arm_pair(scores: dict[str, ModelScores], rows: list[str], against: l
     metrics = [scores[row].compared_metrics() for row in rows]
     references = [scores[row].compared_metrics() for row in against]
     return {
-        name: two_level_bootstrap(
+        name: arm_difference(
             np.stack([row[name][0] for row in metrics]),
             np.stack([row[name][0] for row in references]),
             name in LOWER_IS_BETTER,
@@ -302,20 +359,26 @@ def arm_values(summaries: dict[str, dict], rows: list[str]) -> dict[str, list[fl
     return {metric: [summaries[row][metric] for row in rows] for metric in COMPARED if metric in summaries[rows[0]]}
 
 
+ENOUGH_SEEDS = 5  # two arms of 5 seeds give ~8 degrees of freedom: a t quantile within ~20% of the normal one
+
+
 def seed_note(arms: dict[str, list[str]]) -> str:
-    """Which arms' intervals leave out seed variance (under FEW_SEEDS seeds) or understate it (under ENOUGH_SEEDS)."""
+    """What the intervals hold of seed variance, as benchmarks/interval_calibration.py shows it: nothing for an arm
+    of one seed (exact for the base model, too narrow for a trained arm whose seeds matter); with 2 or more seeds
+    the width is honest, but few seeds give the t few degrees of freedom, so the intervals are wide."""
     counts = {name: len(rows) for name, rows in arms.items() if name != BASE}
-    few = [f"{name} ({n})" for name, n in counts.items() if n < FEW_SEEDS]
-    some = [f"{name} ({n})" for name, n in counts.items() if FEW_SEEDS <= n < ENOUGH_SEEDS]
+    single = [f"{name} (1)" for name, n in counts.items() if n == 1]
+    few = [f"{name} ({n})" for name, n in counts.items() if 1 < n < ENOUGH_SEEDS]
     parts = []
+    if single:
+        parts.append(
+            "the intervals leave out the seed variance of arms with one seed (train more seeds to include it): "
+            + ", ".join(single)
+        )
     if few:
         parts.append(
-            f"the intervals cannot include seed variance for arms with under {FEW_SEEDS} seeds: {', '.join(few)}"
-        )
-    if some:
-        parts.append(
-            f"the intervals are optimistic for arms with {FEW_SEEDS}-{ENOUGH_SEEDS - 1} seeds (a bootstrap over few "
-            f"seeds underestimates their spread): {', '.join(some)}"
+            f"the intervals of arms with 2-{ENOUGH_SEEDS - 1} seeds estimate their seed variance from few degrees of "
+            f"freedom (the df column), so they are honest but wide: {', '.join(few)}"
         )
     return "; ".join(parts)
 

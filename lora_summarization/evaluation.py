@@ -356,14 +356,18 @@ def bootstrap_summary(means: np.ndarray, difference: np.ndarray, weights: np.nda
     """The reported figures of resampled mean differences `means` and the per-example `difference`."""
     low, high = np.percentile(means, [2.5, 97.5])
     not_better = means >= 0 if lower_is_better else means <= 0
-    wins = difference < 0 if lower_is_better else difference > 0
     return {
         "mean": float(np.average(difference, weights=weights)),
         "ci95": [float(low), float(high)],
         "share_not_better": float(not_better.mean()),
-        "win_rate": float(wins.mean()),
-        "tie_rate": float((difference == 0).mean()),
+        **win_and_tie_rates(difference, lower_is_better),
     }
+
+
+def win_and_tie_rates(difference: np.ndarray, lower_is_better: bool) -> dict:
+    """The shares of examples whose per-example `difference` is an improvement, and a tie."""
+    wins = difference < 0 if lower_is_better else difference > 0
+    return {"win_rate": float(wins.mean()), "tie_rate": float((difference == 0).mean())}
 
 
 def compare_models(reference: ModelScores, candidate: ModelScores, samples: int, seed: int) -> dict:
@@ -436,9 +440,12 @@ def format_models(summaries: dict[str, dict]) -> str:
 
 
 def format_comparison(comparison: dict) -> str:
-    """One comparison's differences with their 95% interval, share of resamples not better, and win rate."""
+    """One comparison's differences with their 95% interval, share not better, and win rate; between arms of several
+    seeds also the interval's degrees of freedom and the share of seed pairs (one seed of each arm) in which the
+    candidate is better: a count over pairs, not a probability."""
     seeds = any("seed_pairs_better" in difference for difference in comparison["difference"].values())
-    rows = [("metric", "difference", "95% interval", "not better", "win rate", *(["P(better) seeds"] * seeds))]
+    seed_columns = ["df", "seed pairs better"] * seeds
+    rows = [("metric", "difference", "95% interval", "not better", "win rate", *seed_columns)]
     for name, difference in comparison["difference"].items():
         scale, digits = scale_and_digits(name)
         low, high = (scale * bound for bound in difference["ci95"])
@@ -449,7 +456,7 @@ def format_comparison(comparison: dict) -> str:
                 f"[{low:+.{digits}f}, {high:+.{digits}f}]",
                 f"{difference['share_not_better']:.1%}",
                 f"{difference['win_rate']:.1%}",
-                *([f"{difference['seed_pairs_better']:.1%}"] if seeds else []),
+                *([f"{difference['df']:.1f}", f"{difference['seed_pairs_better']:.1%}"] if seeds else []),
             )
         )
     return f"{comparison['model']} minus {comparison['against']}:\n{aligned(rows)}"
@@ -483,30 +490,65 @@ def format_report(
     return "\n\n".join(parts + ([f"note: {seed_note}"] if seed_note else []))
 
 
-def chart_png(summaries: dict[str, dict], comparisons: list[dict]) -> bytes:
-    """One panel per compared metric with every model's bar; a model compared with the first row carries the
-    95% interval of that difference as its whisker. PNG bytes, so the caller can write them atomically."""
-    names = list(summaries)
-    anchor = {c["model"]: c["difference"] for c in comparisons if c["against"] == names[0]}
-    metrics = [name for name in METRIC_NAMES if name in COMPARED and name in summaries[names[0]]]
+def chart_png(summaries: dict[str, dict], comparisons: list[dict], arms: dict[str, dict] | None = None) -> bytes:
+    """chart_figure as PNG bytes, so the caller can write them atomically."""
+    buffer = io.BytesIO()
+    chart_figure(summaries, comparisons, arms).savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def chart_figure(summaries: dict[str, dict], comparisons: list[dict], arms: dict[str, dict] | None = None) -> Figure:
+    """One panel per compared metric. Each arm (each model where there are no arms) is a column: a dot per seed
+    (row), a line at the arm's mean and, for arms compared with the reference, the 95% interval of that difference
+    drawn around the arm's mean. The reference is comparison_plan's: the first arm after the base where there are
+    several, else the base."""
+    names = list(dict.fromkeys(name for c in comparisons for name in (c["against"], c["model"]))) or list(summaries)
+    seeds = seed_summaries(names, summaries, comparisons, arms or {})
+    reference = comparisons[-1]["against"] if comparisons else names[0]  # see comparison_plan
+    against = {c["model"]: c["difference"] for c in comparisons if c["against"] == reference}
+    metrics = [name for name in METRIC_NAMES if name in COMPARED and name in seeds[names[0]][0]]
     figure = Figure(figsize=(max(4.5, (1.2 + 0.6 * len(names)) * len(metrics)), 3.8), layout="constrained")
     panels = figure.subplots(1, len(metrics), squeeze=False)[0]
-    colours = ["#9e9e9e", "#3b75af", "#e1812c", "#3a923a", "#c03d3e", "#9372b2", "#845b53"]
     for axes, metric in zip(panels, metrics, strict=True):
         scale, _ = scale_and_digits(metric)
-        values = [scale * summaries[name][metric] for name in names]
-        axes.bar(range(len(names)), values, color=[colours[i % len(colours)] for i in range(len(names))])
-        axes.set_xticks(range(len(names)), names, rotation=20 if len(names) > 2 else 0, fontsize=8)
         for position, name in enumerate(names):
-            if name in anchor and metric in anchor[name]:
-                difference = anchor[name][metric]
-                mean = scale * difference["mean"]
-                low, high = (scale * bound for bound in difference["ci95"])
-                whisker = np.maximum(0, [[mean - low], [high - mean]])
-                axes.errorbar([position], [values[position]], yerr=whisker, fmt="none", capsize=6, color="black")
+            colour = CHART_COLOURS[position % len(CHART_COLOURS)]
+            values = [scale * seed[metric] for seed in seeds[name]]
+            axes.scatter([position - 0.1] * len(values), values, s=14, color=colour, alpha=0.7, zorder=2)
+            mean = float(np.mean(values))
+            axes.plot([position - 0.25, position + 0.25], [mean, mean], color=colour, linewidth=2.5, zorder=3)
+            if metric in against.get(name, {}):
+                difference = against[name][metric]
+                low, high = (scale * bound - scale * difference["mean"] for bound in difference["ci95"])
+                whisker = np.maximum(0, [[-low], [high]])
+                axes.errorbar([position + 0.12], [mean], yerr=whisker, fmt="none", capsize=5, color="black", zorder=4)
+        labels = [f"{name}\n(reference)" if name == reference else name for name in names]
+        axes.set_xticks(range(len(names)), labels, rotation=20 if len(names) > 2 else 0, fontsize=8)
+        axes.set_xlim(-0.6, len(names) - 0.4)
         unit = " (lower is better)" if "loss" in metric else " F1 x100"
         axes.set_title(f"{METRIC_NAMES[metric]}{unit}", fontsize=9)
-    figure.suptitle(f"Whiskers: 95% paired-bootstrap interval of the difference from {names[0]}", fontsize=10)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    figure.suptitle(
+        f"Dots: seeds; lines: means; whiskers: 95% interval of the difference from {reference}", fontsize=10
+    )
+    return figure
+
+
+def seed_summaries(names: list[str], summaries: dict, comparisons: list[dict], arms: dict) -> dict[str, list[dict]]:
+    """Each arm's seeds' summaries: the rows `arms` lists for an arm of several (the study's `arms`), or the row of
+    the arm's name. An arm of one row named by its settings is in neither: its value is the mean of the arm it was
+    compared with (the base) plus the difference."""
+    seeds = {}
+    for name in names:
+        if name in arms:
+            seeds[name] = [summaries[row] for row in arms[name]["models"]]
+        elif name in summaries:
+            seeds[name] = [summaries[name]]
+        else:
+            compared = next(c for c in comparisons if c["model"] == name and c["against"] in seeds)
+            other = seeds[compared["against"]]
+            means = {metric: np.mean([seed[metric] for seed in other]) for metric in compared["difference"]}
+            seeds[name] = [{metric: means[metric] + value["mean"] for metric, value in compared["difference"].items()}]
+    return seeds
+
+
+CHART_COLOURS = ["#9e9e9e", "#3b75af", "#e1812c", "#3a923a", "#c03d3e", "#9372b2", "#845b53"]
