@@ -256,9 +256,9 @@ def continue_once_terminated(pid: int, timeout: float = 60) -> None:
 
 
 def release_when_requeued(cluster, task: str) -> None:
-    """A requeued job waits before it may start again; let it start now."""
-    cluster.wait_for_states(task, "PENDING", timeout=120)
-    cluster.run("scontrol", "update", f"jobid={task}", "StartTime=now")
+    """A requeued task waits (Reason=BeginTime) before it may start again; let it start now."""
+    cluster.wait_until(task, lambda records: records[0].get("Reason") == "BeginTime", timeout=120)
+    cluster.release(task)
 
 
 def submissions(study_dir) -> list[dict]:
