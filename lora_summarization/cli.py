@@ -34,30 +34,49 @@ def parse_config(config_class, argv: list[str] | None = None):
 
     `--config FILE` (YAML or JSON: a mapping of field names to values) sets the fields first; flags given on the
     command line win. Unknown flags or fields are rejected with exit code 2 (argparse's own usage error).
+
+    A config class naming one of its list fields in `POSITIONAL` (study.py's settings) takes there the words that
+    are not flags, after the config file's entries that are not fields, each as `name=<JSON list of its values>`.
     """
     parser = HfArgumentParser(config_class)
     parser.add_argument(CONFIG_FLAG, metavar="FILE", help="YAML or JSON file of these fields; command-line flags win")
     argv = sys.argv[1:] if argv is None else argv
     config_file = parser.parse_known_args(argv)[0].config
-    if config_file:
-        parser.set_defaults(**config_file_values(parser, config_class, config_file))
+    values = read_config_file(parser, config_file) if config_file else {}
+    positional = getattr(config_class, "POSITIONAL", None)
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    words = [
+        f"{name}={json.dumps(as_list(value))}" for name, value in values.items() if positional and name not in fields
+    ]
+    own = {name: value for name, value in values.items() if name in fields or not positional}
+    parser.set_defaults(**config_file_values(parser, fields, config_file, own))
     config, namespace, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if positional:
+        setattr(config, positional, [*words, *getattr(config, positional), *(arg for arg in unknown if arg[:1] != "-")])
+        unknown = [arg for arg in unknown if arg[:1] == "-"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return config
 
 
-def config_file_values(parser, config_class, path: str) -> dict:
-    """A --config file's fields, as defaults of `parser`; scalars as text, so argparse parses each with its
-    field's type exactly as it would the flag's value."""
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def read_config_file(parser, path: str) -> dict:
     try:
         values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # JSON is YAML
     except (OSError, yaml.YAMLError) as error:
         parser.error(f"{CONFIG_FLAG} {path} cannot be read: {error}".splitlines()[0])
     if not isinstance(values, dict):
         parser.error(f"{CONFIG_FLAG} {path} must hold a mapping of field names to values")
-    fields = {field.name for field in dataclasses.fields(config_class)}
-    unknown = sorted(str(name) for name in values if name not in fields)
+    return {str(name): value for name, value in values.items()}
+
+
+def config_file_values(parser, fields: set[str], path: str, values: dict) -> dict:
+    """A --config file's fields, as defaults of `parser`; scalars as text, so argparse parses each with its
+    field's type exactly as it would the flag's value."""
+    unknown = sorted(name for name in values if name not in fields)
     if unknown:
         parser.error(f"{CONFIG_FLAG} {path} has unknown fields: {', '.join(unknown)}")
     return {name: value if value is None or isinstance(value, list) else str(value) for name, value in values.items()}

@@ -194,6 +194,19 @@ def refuse_if_running(lock: Path, holder: dict) -> None:
         )
 
 
+def live_holder(folder: str | Path) -> dict | None:
+    """The holder of `folder`'s lock while it runs (as `acquire` would judge it), else None."""
+    lock = Path(folder) / LOCK_FILE
+    if not lock.exists():
+        return None
+    holder = read_holder(lock)
+    try:
+        refuse_if_running(lock, holder)
+    except UsageError:
+        return holder
+    return None
+
+
 def seconds_until_stale(lock: Path) -> float:
     try:
         refreshed = lock.stat().st_mtime

@@ -141,6 +141,8 @@ STAGE_CONFIGS = {
     "train.py": "TrainConfig",
     "evaluate.py": "EvalConfig",
 }
+# study.py runs the stages above; its --config file also holds train.py settings, so it is not one of them.
+SCRIPT_CONFIGS = {**STAGE_CONFIGS, "study.py": "StudyConfig"}
 
 
 def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
@@ -150,7 +152,7 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     module = load_script(script)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = run_stage(module.main, getattr(module, STAGE_CONFIGS[script]), [str(arg) for arg in args])
+        code = run_stage(module.main, getattr(module, SCRIPT_CONFIGS[script]), [str(arg) for arg in args])
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
