@@ -41,10 +41,10 @@ from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
 from lora_summarization import data, modeling, resume_guard, run_folder
+from lora_summarization.arms import arm_identity
 from lora_summarization.cli import UsageError, config_as_dict, run_stage, write_atomic, write_json
 from lora_summarization.disk_space import DiskFull, disk_full_reported, folder_size
 from lora_summarization.evaluation import save_generation_config
-from lora_summarization.arms import arm_identity
 from lora_summarization.logging_integrations import (
     arm_group,
     integrations,
