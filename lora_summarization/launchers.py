@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cli import UsageError
+from .logging_integrations import GROUP_VARIABLE
 from .study import TRAIN_SCRIPT, Run, Study
 
 # --- this machine
@@ -52,8 +53,9 @@ def device_slots(devices: list[str], gpus_per_run: int) -> list[str | None]:
 
 
 def train_command(run: Run, processes: int) -> list[str]:
-    """The run's train.py command with this interpreter; torchrun for several GPUs."""
-    launcher = [sys.executable]
+    """The run's train.py command with this interpreter (torchrun for several GPUs), its arm named for the
+    experiment trackers (logging_integrations.arm_group)."""
+    launcher = ["env", f"{GROUP_VARIABLE}={run.arm_name}", sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
     return [*launcher, str(TRAIN_SCRIPT), *run.train_flags()]

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
-
 from .cli import read_json_object, write_json
 
 TRACKER_RUN_FILE = "tracker_run.json"
@@ -27,6 +25,12 @@ def integrations(report_to: str) -> list[str]:
 
 def report_to_problems(report_to: str) -> list[str]:
     """Unknown or uninstalled logging integrations, found before any model loads."""
+    # Here, not at the top: study.py reads GROUP_VARIABLE without the seconds that loading torch takes.
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
     available = get_available_reporting_integrations()
     problems = []
     for name in integrations(report_to):

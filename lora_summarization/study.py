@@ -176,6 +176,12 @@ class Run:
         return re.sub(r"[^A-Za-z0-9._=+-]", "-", "_".join(parts))
 
     @property
+    def arm_name(self) -> str:
+        """The run's arm, as experiment trackers group it: its grid values, or the study's name."""
+        values = ", ".join(f"{key}={format_value(value)}" for key, value in self.arm.items())
+        return values or self.study_folder.resolve().name
+
+    @property
     def folder(self) -> Path:
         return self.study_folder / RUNS / self.name
 

@@ -381,6 +381,8 @@ def test_the_job_scripts_carry_every_slurm_option_and_are_valid_bash(tmp_path):
     assert set(expected) <= set(directives)
     assert "--gres=gpu:1" in evaluation and "--array" not in evaluation and "--mem=64G" in evaluation
     assert "-m torch.distributed.run --nproc_per_node 2" in array and array.count("--resume") == 4
+    for arm in ("learning_rate=0.01", "learning_rate=0.005"):  # each seed's tracker run grouped by its arm
+        assert array.count(f"env WANDB_RUN_GROUP={arm} {sys.executable}") == 2
     for name, text in (("train.sbatch", array), ("evaluate.sbatch", evaluation)):
         (tmp_path / name).write_text(text)
         assert subprocess.run(["bash", "-n", str(tmp_path / name)]).returncode == 0
