@@ -2,7 +2,8 @@
 
 Every model is scored on the same prompts (the base is the same model with every adapter disabled): losses on the
 reference summaries, greedy summaries scored with ROUGE, and paired bootstraps of the differences. Adapters that
-trained the same thing form one arm of seeds, compared by a two-level bootstrap over dialogues and seeds: the same
+trained the same thing form one arm of seeds, compared by a t interval over dialogues and seeds (variance
+components; comparison.difference_variance): the same
 model (by content, not path), training data (by sha256), effective batch, planned optimizer steps, optimisation and
 LoRA settings, precision, system prompt, max length and resume overrides; the validation data and the evaluation and
 checkpoint intervals count only with --keep-best. Launch details (folders, the batch split, logging, activation

@@ -1,5 +1,5 @@
 """Runs side by side: prediction files read and matched on the test ids they share, adapters grouped into arms of
-seeds, and the two-level bootstrap between arms."""
+seeds, and the variance-components t interval between arms."""
 
 from __future__ import annotations
 
@@ -382,7 +382,7 @@ def seed_note(arms: dict[str, list[str]]) -> str:
 def study_results(
     scores: dict[str, ModelScores], settings: dict, references: list[str], samples: int, seed: int
 ) -> dict:
-    """The models' summaries, their arms (adapters equal but for the seed) and the arms' two-level comparisons.
+    """The models' summaries, their arms (adapters equal but for the seed) and the comparisons of the arms (arm_difference).
 
     `settings` holds the training settings of the rows that have them."""
     rows = {name: settings.get(name) for name in scores if name != BASE}
