@@ -1,5 +1,6 @@
-"""study.py on this machine: a 2 x 2 study end to end, rerun, grown by a seed and a failing value; bad input; the
-GPU slots for 1, 2 and 4 GPUs and the processes that get them; SIGTERM passed on to the running runs."""
+"""study.py on this machine: a 2 x 2 study end to end, rerun, grown by a failing value; on the test cluster the same
+study preempted, signalled, rerun and grown by a seed and a failing value; bad input; the GPU slots for 1, 2 and 4
+GPUs and the processes that get them; SIGTERM passed on to the running runs."""
 
 from __future__ import annotations
 
@@ -92,25 +93,24 @@ def test_rerunning_the_study_trains_and_evaluates_nothing_and_a_changed_fixed_se
     assert f"report: {local_study / 'report.md'}" in status.stdout
 
 
-def test_an_added_seed_and_a_failing_value_train_only_the_new_runs_and_the_failures_are_reported(
+def test_an_added_failing_value_trains_only_its_runs_and_the_failures_are_reported(
     local_study, tiny_model_dir, data_dir, monkeypatch
 ):
-    """Runs after the two tests above: the study grows by seed 44 and by a learning rate train.py refuses."""
+    """Runs after the two tests above: the study grows by a learning rate train.py refuses (an added seed is grown on
+    the test cluster, below)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     finished_before = adapter_times(local_study, RUNS)
     args = study_args(tiny_model_dir, data_dir, local_study, "learning_rate=1e-2,5e-3,-1")
-    grown = run_in_process("study.py", "seed=42,43,44", *args)
+    grown = run_in_process("study.py", "seed=42,43", *args)
     assert grown.returncode == 1, grown.stderr
-    assert "5 of 9 runs to train" in grown.stdout
-    failed = [f"learning_rate=-1.0_seed{seed}" for seed in (42, 43, 44)]
+    assert "2 of 6 runs to train" in grown.stdout
+    failed = [f"learning_rate=-1.0_seed{seed}" for seed in (42, 43)]
     for name in failed:
         assert f"failed: {name}: failed" in grown.stderr and "--learning-rate must not be negative" in grown.stderr
-    new = ["learning_rate=0.01_seed44", "learning_rate=0.005_seed44"]
-    assert evaluated_runs(local_study) == sorted(RUNS + new)
+    assert evaluated_runs(local_study) == sorted(RUNS)
     assert adapter_times(local_study, RUNS) == finished_before
     report = (local_study / "report.md").read_text()
     assert "## Failed runs" in report and all(name in report for name in failed)
-    assert any(line.startswith("learning_rate=0.01 ") and "42,43,44" in line for line in report.splitlines())
 
 
 @pytest.mark.parametrize(
