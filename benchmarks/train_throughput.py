@@ -17,9 +17,11 @@ position (prompt included) from full 151,936-way logits, micro-batch 2 x accumul
 Both train the same examples (8 per optimizer step), AdamW on the LoRA parameters with clipping at 1.0,
 each variant in its own process (repeats interleaved; medians reported). The warm-up micro-batch is each
 variant's first one; the length-grouped sampler puts the longest examples first, so the peak memory
-measured is the peak of a whole epoch. Peak memory: CUDA max_memory_allocated, or on the CPU the peak
-resident set (VmHWM, reset after the model is loaded); "training memory" is the peak minus the memory
-after loading. On CUDA the output adds model FLOPs utilisation: 4 x parameters x non-pad tokens / s / peak.
+measured is the peak of a whole epoch. Peak memory: CUDA max_memory_allocated (and max_memory_reserved, what
+nvidia-smi shows), or on the CPU the peak resident set (VmHWM, reset after the model is loaded); "training memory"
+is the peak minus the memory after loading. On CUDA the output adds model FLOPs utilisation: the model FLOPs of the
+timed steps (hardware.training_flops: non-pad tokens, attention over each example's length, the LM head where the
+variant's loss needs it) per second over the GPU's dense peak.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class TrainBenchConfig:
     repeats: int = field(default=3, metadata={"help": "runs per variant, interleaved; medians are reported"})
     corpus_size: int = field(default=2000, metadata={"help": "synthetic training set the epoch order is drawn from"})
     seed: int = field(default=42, metadata={"help": "seed for data, order and weights"})
-    peak_tflops: float = field(default=0.0, metadata={"help": "GPU peak for MFU; 0 looks the GPU up in a table"})
+    peak_tflops: float = field(
+        default=0.0, metadata={"help": "the device's peak TFLOPS for MFU (a CPU's too); 0 looks a GPU up in a table"}
+    )
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Variant:
     steps: list[Step]
     padded_tokens_per_example: float  # in the timed steps
     epoch_padded_tokens_per_example: float  # over a whole epoch
+    lm_head_positions: int  # in the timed steps, where the variant's loss needs the LM head
 
 
 @dataclass
@@ -139,6 +144,11 @@ def published_steps(example_indices: list[int], seed: int) -> list[IndexStep]:
     return [micro[start : start + PUBLISHED_GRAD_ACCUM] for start in range(0, len(micro), PUBLISHED_GRAD_ACCUM)]
 
 
+def label_positions(feature: dict) -> int:
+    """Positions whose next token is labelled: where response_token_losses runs the LM head."""
+    return sum(label != IGNORE_INDEX for label in feature["labels"][1:])
+
+
 def as_steps(steps: list[IndexStep], features: list[dict]) -> list[Step]:
     return [[[features[i] for i in micro] for micro in step] for step in steps]
 
@@ -157,6 +167,7 @@ def build_variants(config: TrainBenchConfig, features: list[dict], lengths: list
         steps=as_steps(published, features),
         padded_tokens_per_example=PUBLISHED_LENGTH,
         epoch_padded_tokens_per_example=PUBLISHED_LENGTH,
+        lm_head_positions=sum(len(features[i]["input_ids"]) - 1 for step in published for micro in step for i in micro),
     )
     project = Variant(
         "project",
@@ -167,6 +178,7 @@ def build_variants(config: TrainBenchConfig, features: list[dict], lengths: list
         steps=as_steps(timed, features),
         padded_tokens_per_example=padded_tokens_per_example(timed, lengths),
         epoch_padded_tokens_per_example=padded_tokens_per_example(epoch, lengths),
+        lm_head_positions=sum(label_positions(features[i]) for step in timed for micro in step for i in micro),
     )
     return baseline, project
 
@@ -258,7 +270,9 @@ def measure_variant(variant: Variant, settings: RunSettings) -> dict:
         "seconds": time.perf_counter() - started,
         "memory_after_load_mib": after_load,
         "peak_memory_mib": hardware.peak_memory_mib(device),
+        "peak_memory_reserved_mib": hardware.peak_memory_reserved_mib(device),
         "parameters": sum(modeling.parameter_counts(model)),
+        "shape": hardware.model_shape(model),
     }
 
 
@@ -271,10 +285,10 @@ def measure_in_fresh_process(variant: Variant, settings: RunSettings) -> dict:
 
 
 def peak_tflops(config: TrainBenchConfig, device: torch.device, precision: str) -> float | None:
-    if device.type != "cuda":
-        return None
     if config.peak_tflops > 0:
         return config.peak_tflops
+    if device.type != "cuda":
+        return None
     return hardware.peak_tflops(torch.cuda.get_device_name(device), precision)
 
 
@@ -300,12 +314,21 @@ def summarize(variant: Variant, runs: list[dict], peak: float | None) -> dict:
             statistics.median(r["peak_memory_mib"] - r["memory_after_load_mib"] for r in runs)
         ),
         "peak_memory_mib": round(statistics.median(r["peak_memory_mib"] for r in runs)),
+        "peak_memory_reserved_mib": median_or_none([r["peak_memory_reserved_mib"] for r in runs]),
         "seconds_per_run": [round(run["seconds"], 2) for run in runs],
         "projected_3_epoch_hours": round(projected_hours(variant, len(examples) / seconds), 2),
     }
     if peak is not None:
-        summary["mfu"] = round(hardware.model_flops_utilization(runs[0]["parameters"], non_pad / seconds, peak), 4)
+        lengths = [len(example["input_ids"]) for example in examples]
+        squared = sum(length**2 for length in lengths)
+        flops = hardware.training_flops(runs[0]["shape"], non_pad, squared, variant.lm_head_positions)
+        summary["mfu"] = round(hardware.model_flops_utilization(flops, seconds, peak), 4)
     return summary
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    """The rounded median, or None where the device has no such measure (the reserved peak on the CPU)."""
+    return None if None in values else round(statistics.median(values))
 
 
 def projected_hours(variant: Variant, examples_per_s: float) -> float:

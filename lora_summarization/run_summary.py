@@ -3,6 +3,7 @@ peak memory and MFU, for training_summary.json and the closing line."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -53,32 +54,37 @@ def kept_best_line(state) -> str:
 
 def model_flops_utilization(plan: dict, this_run: dict) -> float | None:
     """MFU over every process's GPU, for GPUs in hardware.PEAK_TFLOPS; None on the CPU or an unlisted GPU."""
-    if plan["device"] != "cuda" or not this_run["tokens_per_second"]:
+    if plan["device"] != "cuda" or not this_run["training_step_seconds"]:
         return None
     peak = hardware.peak_tflops(torch.cuda.get_device_name(), plan["precision"])
     if peak is None:
         return None
-    parameters = plan["trainable_parameters"] + plan["base_parameters"]
-    mfu = hardware.model_flops_utilization(parameters, this_run["tokens_per_second"], peak, plan["processes"])
-    return round(mfu, 4)
+    seconds = this_run["training_step_seconds"]
+    return round(hardware.model_flops_utilization(this_run["model_flops"], seconds, peak, plan["processes"]), 4)
 
 
 def cost_line(this_run: dict, mfu: float | None) -> str:
     if this_run["tokens_per_second"] is None:
         return "no optimizer step ran in this run"
     peaks = ", ".join(f"{peak:,.0f}" for peak in this_run["peak_memory_mib"])
+    measure = this_run["peak_memory_measure"]
+    if this_run["peak_memory_reserved_mib"] is not None:
+        measure += f"; reserved {', '.join(f'{peak:,.0f}' for peak in this_run['peak_memory_reserved_mib'])} MiB"
     return (
         f"{this_run['examples_per_second']:,.2f} examples/s, {this_run['tokens_per_second']:,.0f} tokens/s "
-        f"(non-padding, optimizer steps only), peak memory {peaks} MiB ({this_run['peak_memory_measure']}), "
+        f"(non-padding, optimizer steps only), peak memory {peaks} MiB ({measure}), "
         f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'}"
     )
 
 
 def run_facts(trainer, started: float, checkpoint: str | None, overrides: list[str]) -> dict:
-    """What this run (since a resume) did; every process must call it (the token count is summed over them)."""
-    tokens = int(trainer.accelerator.reduce(trainer.tokens_seen, reduction="sum"))
+    """What this run (since a resume) did; every process must call it (the counts are summed over them)."""
+    seen = (trainer.tokens_seen, trainer.squared_lengths_seen, trainer.lm_head_positions_seen)
+    tokens, squared_lengths, lm_head_positions = trainer.accelerator.reduce(torch.stack(seen), reduction="sum").tolist()
+    shape = hardware.model_shape(trainer.accelerator.unwrap_model(trainer.model))
     return {
         "tokens_trained_on": tokens,
+        "model_flops": hardware.training_flops(shape, tokens, squared_lengths, lm_head_positions),
         "runtime_seconds": round(time.perf_counter() - started, 1),
         **training_cost(trainer, tokens),
         "resumed_from": checkpoint,
@@ -89,16 +95,19 @@ def run_facts(trainer, started: float, checkpoint: str | None, overrides: list[s
 def training_cost(trainer, tokens: int) -> dict:
     """Throughput over the time inside optimizer steps (start-up, evaluation, checkpoints and logging excluded:
     training.StepTimer) of `tokens` and the examples summed over processes; the peak memory of each process's
-    device."""
+    device, and on a GPU also the peak its allocator reserved."""
     device = trainer.args.device
     examples = trainer.accelerator.reduce(torch.tensor(trainer.examples_seen, device=device), reduction="sum")
-    local = torch.tensor([[trainer.step_timer.seconds, hardware.peak_memory_mib(device)]], device=device)
-    seconds, peaks = trainer.accelerator.gather(local.double()).cpu().T.tolist()
+    reserved = hardware.peak_memory_reserved_mib(device)
+    memory = [hardware.peak_memory_mib(device), math.nan if reserved is None else reserved]
+    local = torch.tensor([[trainer.step_timer.seconds, *memory]], device=device)
+    seconds, peaks, reserved_peaks = trainer.accelerator.gather(local.double()).cpu().T.tolist()
     slowest = max(seconds)
     return {
         "training_step_seconds": round(slowest, 3),
         "examples_per_second": round(int(examples) / slowest, 3) if slowest else None,
         "tokens_per_second": round(tokens / slowest, 1) if slowest else None,
         "peak_memory_mib": [round(peak, 1) for peak in peaks],
+        "peak_memory_reserved_mib": None if reserved is None else [round(peak, 1) for peak in reserved_peaks],
         "peak_memory_measure": hardware.peak_memory_measure(device),
     }

@@ -203,6 +203,17 @@ class LengthGroupedEpochSampler(Sampler[int]):
         return sorted(indices, key=lambda index: -self.lengths[index])
 
 
+def magnitudes_at_the_base_rate(optimizer, model) -> None:
+    """Move DoRA's magnitude vectors from PEFT's LoRA+ fast groups (it puts every 1-D parameter there) into its
+    first group, the A matrices' at the learning rate: LoRA+ speeds up B alone. Before the first step, while the
+    optimizer holds no state."""
+    magnitudes = {id(p) for name, p in model.named_parameters() if "lora_magnitude_vector" in name}
+    base_rate, *others = optimizer.param_groups
+    for group in others:
+        base_rate["params"] += [p for p in group["params"] if id(p) in magnitudes]
+        group["params"] = [p for p in group["params"] if id(p) not in magnitudes]
+
+
 class SummaryTrainer(Trainer):
     """HF Trainer with a response-only loss normalised over the label tokens of the whole accumulated batch."""
 
@@ -213,6 +224,9 @@ class SummaryTrainer(Trainer):
         self.validation_examples = list(validation_examples)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
+        # What attention and the LM head cost scales with, for the run's model FLOPs (hardware.training_flops).
+        self.squared_lengths_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
+        self.lm_head_positions_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
         self.examples_seen = 0
         self.loss_is_finite = torch.ones((), dtype=torch.bool, device=self.args.device)
         self.batch_shape: tuple[int, ...] | None = None  # of the micro-batch in progress, for out-of-memory reports
@@ -239,6 +253,7 @@ class SummaryTrainer(Trainer):
                 loraplus_weight_decay=self.args.weight_decay,
                 **optimizer_kwargs,
             )
+            magnitudes_at_the_base_rate(self.optimizer, opt_model)
         return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -257,6 +272,8 @@ class SummaryTrainer(Trainer):
             loss = token_losses.sum() / num_items_in_batch * self.accelerator.num_processes
         if model.training:
             self.tokens_seen += inputs["attention_mask"].sum()
+            self.squared_lengths_seen += (inputs["attention_mask"].sum(dim=1) ** 2).sum()
+            self.lm_head_positions_seen += len(token_losses)
             self.examples_seen += len(inputs["input_ids"])
             self.loss_is_finite &= torch.isfinite(loss.detach())
         return (loss, {}) if return_outputs else loss

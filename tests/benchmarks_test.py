@@ -20,8 +20,11 @@ def run_benchmark(script: str, *flags) -> dict:
 
 @requires_qwen_tokenizer
 def test_training_throughput_benchmark_compares_the_project_with_the_published_step():
-    report = run_benchmark("train_throughput.py", "--steps", "1", "--repeats", "1", "--corpus-size", "64")
+    flags = ("--steps", "1", "--repeats", "1", "--corpus-size", "64", "--peak-tflops", "10")
+    report = run_benchmark("train_throughput.py", *flags)
     assert (report["baseline"]["micro_batch"], report["baseline"]["grad_accum"]) == (2, 4)
+    for variant in ("baseline", "project"):  # MFU against the given peak; the reserved peak exists on a GPU only
+        assert 0 < report[variant]["mfu"] < 1 and report[variant]["peak_memory_reserved_mib"] is None
     assert report["project"]["micro_batch"] * report["project"]["grad_accum"] == 8
     assert report["project"]["padded_tokens_per_example"] < 512 == report["baseline"]["padded_tokens_per_example"]
     assert all(value > 0 for value in report["ratios"].values())

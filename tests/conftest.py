@@ -76,8 +76,9 @@ def load_test_tokenizer():
     return AutoTokenizer.from_pretrained(qwen_dir) if qwen_dir else build_fallback_tokenizer()
 
 
-def save_tiny_model(folder: Path, tokenizer, seed: int = 0, hidden_size: int = 64) -> Path:
-    """A 2-layer Qwen2 with random weights, saved with its tokenizer as an ordinary HF model folder.
+def save_tiny_model(folder: Path, tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """A small Qwen2 (2 layers unless told) with random weights, saved with its tokenizer as an ordinary HF model
+    folder.
 
     Weights are drawn wider than Qwen's 0.02 so that a LoRA adapter on q/k/v/o can move the logits far
     enough for the loss to fall visibly within a few dozen steps.
@@ -88,7 +89,7 @@ def save_tiny_model(folder: Path, tokenizer, seed: int = 0, hidden_size: int = 6
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         initializer_range=0.2,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,

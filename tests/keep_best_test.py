@@ -9,12 +9,14 @@ from conftest import load_script, run_in_process
 
 from lora_summarization.cli import run_stage
 
-# A constant learning rate far too high for the tiny model makes the validation loss zigzag, so the best
-# checkpoint (step 10 here) is not the last (12); checkpoints every 2 steps, 2 kept.
+# A learning rate that grows by 0.03 a step (a warm-up longer than the run): the validation loss falls while it is
+# small, the same on every CPU, and wanders once it is far too high, so the best checkpoint is usually an early one
+# and not the last. Which step is best depends on the CPU's floating-point path: the tests read it from the log.
+# Checkpoints every 2 steps, 2 kept.
 STEPS, EVERY = 12, 2
 ZIGZAG = (
     *("--max-steps", STEPS, "--eval-steps", EVERY, "--save-steps", EVERY, "--save-total-limit", 2),
-    *("--learning-rate", "3", "--lr-scheduler", "constant", "--warmup-steps", "0", "--batch-size", "4"),
+    *("--learning-rate", "30", "--lr-scheduler", "linear", "--warmup-steps", "1000", "--batch-size", "4"),
     *("--grad-accum", "2", "--eval-examples", "8", "--logging-steps", EVERY, "--report-to", "none"),
     *("--max-length", "480", "--keep-best"),
 )
@@ -41,18 +43,27 @@ def weights_bytes(folder) -> bytes:
     return (folder / "adapter_model.safetensors").read_bytes()
 
 
+def best_logged_step(output_dir) -> int:
+    """The step of the lowest validation content loss in train_log.jsonl (the earliest of equal ones, as the
+    Trainer keeps the first)."""
+    losses = content_losses(output_dir)
+    return min(losses, key=lambda step: (losses[step], step))
+
+
 def assert_kept_best(output_dir, best_step: int) -> None:
+    """Rotation kept the best checkpoint and the last, and the adapter is the best one's weights."""
     checkpoints = output_dir / "checkpoints"
-    assert sorted(path.name for path in checkpoints.iterdir()) == [f"checkpoint-{best_step}", f"checkpoint-{STEPS}"]
+    assert {int(path.name.removeprefix("checkpoint-")) for path in checkpoints.iterdir()} == {best_step, STEPS}
     assert weights_bytes(output_dir) == weights_bytes(checkpoints / f"checkpoint-{best_step}")
-    assert weights_bytes(output_dir) != weights_bytes(checkpoints / f"checkpoint-{STEPS}")
+    if best_step != STEPS:
+        assert weights_bytes(output_dir) != weights_bytes(checkpoints / f"checkpoint-{STEPS}")
 
 
 def test_the_adapter_is_the_best_checkpoint_bit_for_bit_and_rotation_keeps_it(keep_best_run):
     output_dir, stdout = keep_best_run
     losses = content_losses(output_dir)
-    best_step = min(losses, key=losses.get)
-    assert sorted(losses) == list(range(EVERY, STEPS + 1, EVERY)) and best_step < STEPS  # the premise: a zigzag
+    best_step = best_logged_step(output_dir)
+    assert sorted(losses) == list(range(EVERY, STEPS + 1, EVERY))
     assert_kept_best(output_dir, best_step)
     best = json.loads((output_dir / "training_summary.json").read_text())["kept_best"]
     assert best["step"] == best_step and best["validation_content_loss"] == losses[best_step]

@@ -176,3 +176,22 @@ def test_bad_variant_values_are_reported_together(tiny_model_dir, data_dir, tmp_
         "--lora-dropout must be in [0, 1)",
     ):
         assert message in line, line
+
+
+def test_loraplus_speeds_up_the_b_matrices_alone_not_doras_magnitudes(tiny_model_dir, data_dir, tmp_path):
+    """--use-dora --loraplus-lr-ratio 16: B at 16 x the learning rate; A and DoRA's magnitude vectors (1-D, which
+    PEFT's LoRA+ puts in its fast groups) at the learning rate."""
+    script = load_script("train.py")
+    config = script.TrainConfig(
+        model=str(tiny_model_dir), data_dir=str(data_dir), output_dir=str(tmp_path), report_to="none",
+        use_dora=True, loraplus_lr_ratio=16.0, learning_rate=1e-3,
+    )  # fmt: skip
+    tokenizer = modeling.load_tokenizer(config.model)
+    train, validation = script.load_datasets(config, tokenizer)
+    model = script.build_model(config, weights=True)
+    trainer, _ = script.make_trainer(config, model, tokenizer, train, validation, settings={}, world_size=1)
+    rates = {id(p): group["lr"] for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(rates) == len(trainable) and any("lora_magnitude_vector" in name for name in trainable)
+    expected = {name: 16e-3 if "lora_B" in name else 1e-3 for name in trainable}
+    assert {name: rates[id(p)] for name, p in trainable.items()} == pytest.approx(expected)
