@@ -382,7 +382,8 @@ def seed_note(arms: dict[str, list[str]]) -> str:
 def study_results(
     scores: dict[str, ModelScores], settings: dict, references: list[str], samples: int, seed: int
 ) -> dict:
-    """The models' summaries, their arms (adapters equal but for the seed) and the comparisons of the arms (arm_difference).
+    """The models' summaries, their arms (adapters that trained the same thing) and the arms' comparisons
+    (arm_difference).
 
     `settings` holds the training settings of the rows that have them."""
     rows = {name: settings.get(name) for name in scores if name != BASE}
