@@ -29,6 +29,10 @@ EVALUATION = ("--max-examples", "4", "--max-new-tokens", "4")
 RUNS = [f"learning_rate={rate}_seed{seed}" for rate in ("0.01", "0.005") for seed in (42, 43)]
 
 
+# The tests that read or grow the local study run on one pytest-xdist worker, which trains it once.
+ON_THE_LOCAL_STUDYS_WORKER = pytest.mark.xdist_group("local_study")
+
+
 def study_args(model_dir, data_dir, study_dir, *settings) -> list[str]:
     return [f"model={model_dir}", f"data_dir={data_dir}", *TINY, *settings, "--output-dir", study_dir, *EVALUATION]
 
@@ -60,6 +64,7 @@ def local_study(tiny_model_dir, data_dir, tmp_path_factory):
     return study_dir
 
 
+@ON_THE_LOCAL_STUDYS_WORKER
 def test_a_2x2_study_trains_each_run_on_its_own_gpu_and_reports_one_evaluation_of_all(local_study):
     assert sorted(path.name for path in (local_study / "runs").iterdir() if path.is_dir()) == sorted(RUNS)
     assert evaluated_runs(local_study) == sorted(RUNS)
@@ -76,6 +81,7 @@ def test_a_2x2_study_trains_each_run_on_its_own_gpu_and_reports_one_evaluation_o
     assert "![" in report and (local_study / "evaluation" / "evaluation_chart.png").exists()
 
 
+@ON_THE_LOCAL_STUDYS_WORKER
 def test_rerunning_the_study_trains_and_evaluates_nothing_and_a_changed_fixed_setting_is_refused(
     local_study, tiny_model_dir, data_dir
 ):
@@ -93,6 +99,7 @@ def test_rerunning_the_study_trains_and_evaluates_nothing_and_a_changed_fixed_se
     assert f"report: {local_study / 'report.md'}" in status.stdout
 
 
+@ON_THE_LOCAL_STUDYS_WORKER
 def test_an_added_failing_value_trains_only_its_runs_and_the_failures_are_reported(
     local_study, tiny_model_dir, data_dir, monkeypatch
 ):
@@ -269,6 +276,7 @@ def wait_for_evaluation(cluster, study_dir) -> None:
     cluster.wait_for_states(submissions(study_dir)[-1]["evaluation"], "COMPLETED", "FAILED", timeout=900)
 
 
+@ON_THE_LOCAL_STUDYS_WORKER
 def test_on_slurm_the_study_survives_preemption_and_the_time_limit_and_ends_as_the_local_one(
     slurm_cluster, local_study, tiny_model_dir, data_dir, tmp_path, monkeypatch
 ):
