@@ -189,7 +189,8 @@ def test_loraplus_speeds_up_the_b_matrices_alone_not_doras_magnitudes(tiny_model
     tokenizer = modeling.load_tokenizer(config.model)
     train, validation = script.load_datasets(config, tokenizer)
     model = script.build_model(config, weights=True)
-    trainer, _ = script.make_trainer(config, model, tokenizer, train, validation, settings={}, world_size=1)
+    tracker = {"name": "dora loraplus"}
+    trainer, _ = script.make_trainer(config, model, tokenizer, train, validation, {}, tracker, world_size=1)
     rates = {id(p): group["lr"] for group in trainer.create_optimizer().param_groups for p in group["params"]}
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert len(rates) == len(trainable) and any("lora_magnitude_vector" in name for name in trainable)

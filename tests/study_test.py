@@ -50,10 +50,11 @@ def adapter_times(study_dir, names: list[str]) -> dict[str, int]:
     return {name: (study_dir / "runs" / name / "adapter_model.safetensors").stat().st_mtime_ns for name in names}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_study(tiny_model_dir, data_dir, tmp_path_factory):
     """The 2 x 2 study on two (pretended) GPUs: on this CPU each run gets CUDA_VISIBLE_DEVICES=0 or 1 and trains on
-    the CPU, two at a time."""
+    the CPU, two at a time. Session-scoped: its tests share a worker, which may run other modules' tests between
+    them, and a module fixture would be trained again after each."""
     study_dir = tmp_path_factory.mktemp("study") / "lr"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
