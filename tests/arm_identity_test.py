@@ -29,7 +29,7 @@ def summary(folder) -> dict:
     return json.loads((folder / "training_summary.json").read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory, tiny_model_dir, data_dir):
     """Seeds 1 and 2 of one arm launched as differently as train.py allows (another copy of the model and of the data,
     another batch split, other intervals, activation checkpointing); seed 1 on data re-prepared into that same copy;
@@ -61,7 +61,7 @@ def evaluate(tiny_model_dir, test_dir, output_dir, *adapters, tokens="4"):
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def arms_evaluated(runs, tiny_model_dir, study_data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("arms-evaluated")
     result = evaluate(tiny_model_dir, study_data_dir, output_dir, *runs.values())
@@ -69,7 +69,7 @@ def arms_evaluated(runs, tiny_model_dir, study_data_dir, tmp_path_factory):
     return output_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoints_evaluated(runs, tiny_model_dir, study_data_dir, tmp_path_factory):
     """The checkpoints of steps 1 and 2 of seeds 1 and 2, with summaries of 2 tokens instead of 4."""
     output_dir = tmp_path_factory.mktemp("checkpoints-evaluated")

@@ -92,7 +92,7 @@ def train_under_torchrun(argv: list[str], record_dir) -> int:
     return result.returncode
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def layout_runs(tiny_model_dir, data_dir, tmp_path_factory) -> dict:
     """Output folder of train.py per layout, each with the step record of its processes."""
     runs = {}

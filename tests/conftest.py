@@ -177,7 +177,7 @@ def data_dir(tmp_path_factory) -> Path:
     return write_data_dir(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def study_data_dir(tmp_path_factory):
     """20 unseen test dialogues, the fewest --compare accepts."""
     from lora_summarization import data

@@ -11,7 +11,7 @@ SCHEDULE = ("--max-steps", "4", "--save-steps", "2", "--eval-steps", "1000", "--
 FLAGS = (*SCHEDULE, "--report-to", "none", *TINY_TRAINING_FLAGS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tiny_model_dir, data_dir, tmp_path_factory):
     """A whole 4-step run that left checkpoint-2 and checkpoint-4 beside its adapter."""
     output_dir = tmp_path_factory.mktemp("finished")

@@ -50,7 +50,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "--lazy", str(folder)], check=True)  # a failed writer may hold a file open
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_step_run(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
     """A 2-step run on the ordinary disk, to measure what its checkpoint and its final outputs take."""
     output_dir = tmp_path_factory.mktemp("measured")

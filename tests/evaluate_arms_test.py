@@ -19,12 +19,12 @@ ARMS = {"learning_rate=0.01": "a", "learning_rate=0.02": "b"}
 SAMPLES = "200"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evaluate_script():
     return load_script("evaluate.py")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seed_runs(tmp_path_factory, tiny_model_dir, data_dir):
     """Two arms (learning rate 1e-2 and 2e-2) of two seeds each, trained by train.py for 2 steps."""
     root = tmp_path_factory.mktemp("seed-runs")
@@ -53,7 +53,7 @@ def evaluate(evaluate_script, tiny_model_dir, study_data_dir, output_dir, *adapt
     return json.loads((output_dir / "evaluation_results.json").read_text()), out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def study(evaluate_script, tmp_path_factory, tiny_model_dir, study_data_dir, seed_runs):
     output_dir = tmp_path_factory.mktemp("study")
     started = time.perf_counter()

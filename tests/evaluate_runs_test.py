@@ -19,12 +19,12 @@ ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 TEST_EXAMPLES = 24  # --compare needs at least 20 shared ids
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evaluate_script():
     return load_script("evaluate.py")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def test_data_dir(tmp_path_factory):
     """A test file of 24 synthetic dialogues, unseen in training."""
     folder = tmp_path_factory.mktemp("compare-data")
@@ -33,7 +33,7 @@ def test_data_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapters(tmp_path_factory, tiny_model_dir, trained_adapter_dir):
     """The 80-step adapter, and a freshly initialised one (B = 0, so it equals the base) of another rank and
     other target modules."""
@@ -62,7 +62,7 @@ def evaluate(evaluate_script, tiny_model_dir, test_data_dir, output_dir, *adapte
     return json.loads((output_dir / "evaluation_results.json").read_text()), out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(evaluate_script, tmp_path_factory, tiny_model_dir, test_data_dir, adapters):
     """Both adapters in one call (zero_init first: the reference run), and each alone in its own run folder."""
     root = tmp_path_factory.mktemp("runs")

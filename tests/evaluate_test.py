@@ -26,12 +26,12 @@ from lora_summarization.model_card import NOT_EVALUATED
 METRICS = ("loss", "content_loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evaluate_script():
     return load_script("evaluate.py")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapter_with_card(tmp_path_factory, trained_adapter_dir):
     """A copy of the trained adapter with the model card train.py wrote, which evaluation completes."""
     folder = tmp_path_factory.mktemp("adapter") / "fine_tuned_model"
@@ -47,7 +47,7 @@ def evaluate(tiny_model_dir, adapter_dir, data_dir, output_dir, *flags):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def first_run(tmp_path_factory, tiny_model_dir, adapter_with_card, data_dir):
     output_dir = tmp_path_factory.mktemp("evaluation")
     result = evaluate(tiny_model_dir, adapter_with_card, data_dir, output_dir)

@@ -48,18 +48,18 @@ PAIRS = [  # (prediction, reference)
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def test_set(tiny_tokenizer, data_dir):
     records = data.read_records(data_dir / data.TEST_FILE)[:6]
     return encode_test_set(tiny_tokenizer, records, max_length=512, system_prompt=None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 

@@ -21,7 +21,7 @@ GREEDY_AS_EVALUATED = {"do_sample": False, "num_beams": 1, "repetition_penalty":
 DIALOGUE = "Anna: Are we still on for lunch?\nBen: Yes, 12:30 at the usual place.\nAnna: See you there!"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter with random, non-zero B matrices, so that it changes the base model's logits."""
     torch.manual_seed(0)
@@ -34,7 +34,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference_logits(tiny_model_dir, adapter_dir, tokenizer) -> dict[str, torch.Tensor]:
     """Logits of the base model with the adapter attached (as evaluation loads it) and without."""
     model = modeling.load_adapter(modeling.load_base_model(str(tiny_model_dir)), adapter_dir).eval()
@@ -115,7 +115,7 @@ def test_adapter_for_another_base_is_a_usage_error(capsys, tmp_path, tokenizer, 
     assert not (tmp_path / "merged").exists()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evaluate_script():
     return load_script("evaluate.py")
 
@@ -130,7 +130,7 @@ def evaluate(evaluate_script, model, adapter, data_dir, output_dir) -> tuple[dic
     return results, [json.loads(line) for line in lines]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapter_evaluation(evaluate_script, tmp_path_factory, tiny_model_dir, trained_adapter_dir, data_dir):
     # The trained adapter moves the loss far more than a random one does, with either test tokenizer.
     adapter = shutil.copytree(trained_adapter_dir, tmp_path_factory.mktemp("with-adapter") / "adapter")
@@ -165,7 +165,7 @@ def test_merged_model_evaluated_alone_scores_as_the_adapter(
 TRAINED_PROMPT, TRAINED_MAX_LENGTH = "Sum up the chat in one line.", 64
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prompted_adapter(tmp_path_factory, tiny_model_dir, data_dir):
     """An adapter trained by train.py with a system prompt and a token limit other than the defaults."""
     output_dir = tmp_path_factory.mktemp("prompted") / "adapter"

@@ -26,7 +26,7 @@ def keep_best_args(model_dir, data_dir, output_dir, *extra) -> list:
     return ["--model", model_dir, "--data-dir", data_dir, "--output-dir", output_dir, *ZIGZAG, *extra]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def keep_best_run(tmp_path_factory, tiny_model_dir, data_dir):
     output_dir = tmp_path_factory.mktemp("keep-best") / "run"
     result = run_in_process("train.py", *keep_best_args(tiny_model_dir, data_dir, output_dir))

@@ -46,7 +46,7 @@ def train(argv) -> int:
     return quiet(run_stage, script.main, script.TrainConfig, [str(arg) for arg in argv])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def variant_runs(tmp_path_factory, tiny_model_dir, data_dir):
     """Each variant trained 4 steps from the same seed, into a folder named after it."""
     folder = tmp_path_factory.mktemp("variants")

@@ -20,7 +20,7 @@ SCHEDULE = ("--max-steps", "6", "--save-steps", "3", "--lr-scheduler", "constant
 FLAGS = (*SCHEDULE, "--logging-steps", "1", *TINY_TRAINING_FLAGS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted_dir(tiny_model_dir, data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
     result = run_in_process("train.py", *train_args(tiny_model_dir, data_dir, output_dir, *FLAGS))

@@ -13,7 +13,7 @@ from lora_summarization.training import SummaryTrainer
 STEPS = 4  # of 8 examples each
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def short_run(tmp_path_factory, tiny_model_dir, data_dir):
     output_dir = tmp_path_factory.mktemp("cost") / "run"
     flags = ("--max-steps", STEPS, "--eval-steps", 2, "--save-steps", 2, "--logging-steps", 1, "--report-to", "none")

@@ -16,7 +16,7 @@ EXAMPLES = 4
 SYSTEM_PROMPT = "Be brief."
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapter(tmp_path_factory, trained_adapter_dir):
     """The trained adapter, recorded as trained with a system prompt that both tools must then use."""
     folder = shutil.copytree(
@@ -28,7 +28,7 @@ def adapter(tmp_path_factory, trained_adapter_dir):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evaluated(tmp_path_factory, tiny_model_dir, adapter, data_dir) -> list[dict]:
     """evaluate.py's prediction lines for the first test examples."""
     evaluate_script = load_script("evaluate.py")

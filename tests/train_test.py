@@ -102,7 +102,7 @@ def assert_same_adapter(expected_dir, actual_dir):
         assert torch.allclose(expected[name], actual[name], atol=1e-6), name
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted_dir(tiny_model_dir, data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
     result = run_in_process(
@@ -186,7 +186,7 @@ def run_torchrun(*script_and_args, env: dict | None = None) -> subprocess.Comple
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ddp_dir(tiny_model_dir, data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("ddp")
     result = run_torchrun(ROOT / "train.py", *train_args(tiny_model_dir, data_dir, output_dir, *DDP_SCHEDULE))
@@ -383,7 +383,7 @@ def test_stale_lock_is_taken_over_and_a_used_folder_needs_overwrite(tiny_model_d
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-3"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpointed_run(tmp_path_factory, tiny_model_dir, data_dir):
     """A 4-step run with checkpoints at steps 2 and 4, on its own copy of the data; copy it before changing it."""
     folder = tmp_path_factory.mktemp("checkpointed")
