@@ -10,6 +10,7 @@
 #   python train.py        (data, fine_tuned_model)
 #   python evaluate.py --output-dir results     (data, fine_tuned_model, results)
 #   python -m lora_summarization.export         (fine_tuned_model, merged_model)
+#   python study.py learning_rate=5e-5,1e-4 --output-dir studies/lr   (data, studies; --gpus all: a run per GPU)
 # The hf-cache volume keeps downloaded models and data between runs. --init passes `docker stop`'s SIGTERM on to
 # the stage, and --stop-timeout gives train.py time to save its checkpoint (Docker's default: SIGKILL after 10 s).
 # The default image needs NVIDIA driver 560.28.03 or newer (CUDA 12.6); pick a tag that matches an older driver.
