@@ -373,13 +373,6 @@ def comparison_plan(names: list[str], base: str | None) -> list[tuple[str, str]]
     return pairs + [(name, others[0]) for name in others[1:]]
 
 
-def compare_all(scores: dict[str, ModelScores], base: str | None, samples: int, seed: int) -> list[dict]:
-    return [
-        {"model": name, "against": against, "difference": compare_models(scores[against], scores[name], samples, seed)}
-        for name, against in comparison_plan(list(scores), base)
-    ]
-
-
 def scale_and_digits(metric: str) -> tuple[int, int]:
     """Losses in nats per token with 4 decimals; ROUGE as F1 x 100 with 2."""
     return (1, 4) if "loss" in metric else (100, 2)
